@@ -1,0 +1,46 @@
+# Two commands on a fresh Debian 12 machine (as root): `make run` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := runc e2fsprogs debootstrap busybox-static iproute2 util-linux fuse3 gcc libc6-dev ca-certificates
+DATA_DIR ?= /var/lib/wisp
+LISTEN ?= 127.0.0.1:7770
+PYTEST_ARGS ?=
+
+.PHONY: run test bench check install deps venv init clean
+
+install: deps venv init
+
+# Debian packages: installed only when one is missing, so a warm machine skips apt.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+build/wisp-init: wisp/runtime/init/wisp-init.c
+	mkdir -p build
+	gcc -static -O2 -Wall -Wextra -o $@.tmp $<
+	mv $@.tmp $@
+
+init: build/wisp-init
+
+run: install
+	$(VENV)/bin/wisp serve --data-dir $(DATA_DIR) --listen $(LISTEN)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m tests.performance.bench
+
+clean:
+	rm -rf build $(VENV)

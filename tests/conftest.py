@@ -1,0 +1,65 @@
+"""Fixtures: one real Wisp server per session (busybox image), the official SDK as client,
+a sprite factory, and a leak check that fails the run on anything left on the host."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.framework.leaks import leaks
+from tests.framework.server import WispServer
+
+BASE = Path(os.environ.get("WISP_TEST_BASE", f"/var/tmp/wisp-test-{os.getpid()}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_check() -> Iterator[Path]:
+    """Torn down last: after every server stopped, nothing of ours may remain."""
+    BASE.mkdir(parents=True, exist_ok=True)
+    yield BASE
+    found = {k: v for k, v in leaks(BASE).items() if v}
+    assert not found, f"leaked after the test session: {found}"
+
+
+@pytest.fixture(scope="session")
+def server(leak_check: Path) -> Iterator[WispServer]:
+    srv = WispServer(leak_check / "main")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: WispServer):  # type: ignore[no-untyped-def]
+    from sprites import SpritesClient
+
+    c = SpritesClient(server.token, base_url=server.url)
+    yield c
+    c.close()
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def sprite_factory(client, server: WispServer) -> Iterator[Callable[..., object]]:  # type: ignore[no-untyped-def]
+    made: list[str] = []
+
+    def make(prefix: str = "t", **kw: object):  # type: ignore[no-untyped-def]
+        name = f"{prefix}-{int(time.time() * 1000) % 10**9}-{next(_names)}"
+        made.append(name)
+        return client.create_sprite(name, **kw)
+
+    yield make
+    for name in made:
+        server.api("DELETE", f"/v1/sprites/{name}")
+
+
+@pytest.fixture
+def sprite(sprite_factory):  # type: ignore[no-untyped-def]
+    return sprite_factory()

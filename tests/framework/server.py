@@ -1,0 +1,117 @@
+"""A real `wisp serve` process for tests: start, stop (SIGTERM), kill (SIGKILL), restart.
+
+Tests reach it only through its public API: the official SDK, raw HTTP, or the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+#: Base images are built once per machine and shared by every test server.
+IMAGES_DIR = Path(os.environ.get("WISP_TEST_IMAGES", "/var/cache/wisp-test/images"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WispServer:
+    def __init__(self, data_dir: Path, image: str = "busybox", token: str = "test-token",
+                 config_file: Path | None = None, extra_env: dict[str, str] | None = None):
+        self.data_dir = data_dir
+        self.image = image
+        self.token = token
+        self.config_file = config_file
+        self.port = free_port()
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data_dir.parent / f"{data_dir.name}.server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"WISP_TOKEN": self.token, "WISP_IMAGE": self.image,
+                    "WISP_IMAGES_DIR": str(IMAGES_DIR), "WISP_NO_CLIENT_CONFIG": "1",
+                    "PYTHONPATH": str(REPO)})
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 900) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        code = ("import sys; from pathlib import Path; from wisp.server import serve; "
+                "serve(Path(sys.argv[1]), sys.argv[2], "
+                "Path(sys.argv[3]) if len(sys.argv) > 3 else None)")
+        args = [sys.executable, "-c", code, str(self.data_dir), f"127.0.0.1:{self.port}"]
+        if self.config_file is not None:
+            args.append(str(self.config_file))
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(args, env=self.env(), stdout=logf, stderr=logf,
+                                     stdin=subprocess.DEVNULL, cwd=REPO)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"wisp serve exited {self.proc.returncode}:\n"
+                                   + self.log.read_text()[-3000:])
+            try:
+                r = httpx.get(f"{self.url}/v1/sprites", headers=self.headers, timeout=2)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError("wisp serve did not become ready:\n" + self.log.read_text()[-3000:])
+
+    def stop(self, timeout: float = 120) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs; what it leaves is for the next start to clean."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.port = free_port()
+        self.start()
+
+    def api(self, method: str, path: str, **kw: object) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers=self.headers,
+                             timeout=120, **kw)  # type: ignore[arg-type]
+
+    def cleanup_host(self) -> None:
+        """After a SIGKILL with no restart: start and stop once so the server tears down."""
+        self.start()
+        self.stop()

@@ -1,0 +1,130 @@
+"""The ASGI application: authentication, the contract's error bodies, `Sprite-Version`.
+
+Errors cross the API only as contract JSON bodies: every `WispError` is turned into its
+status and body here, an unknown route into a `not_found` body, and anything unexpected into
+a bare `internal_error` (the traceback goes to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from wisp.errors import FsError, Unauthorized, WispError
+
+__all__ = ["build_app", "SPRITE_VERSION"]
+
+log = logging.getLogger("wisp.api")
+
+#: Any release version makes the Go SDK use the path form of attach (contract §3.4).
+SPRITE_VERSION = "1.0.0"
+
+
+class AuthMiddleware:
+    """Bearer-token check for every HTTP and WebSocket request, before any routing.
+
+    The 401 reveals nothing: no hint whether the token was missing, malformed or wrong,
+    and no hint whether the sprite in the path exists.
+    """
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for key, value in scope.get("headers", []):
+            if key == b"authorization":
+                given = value
+                break
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        err = Unauthorized("missing or invalid bearer token")
+        response = JSONResponse(err.body(), status_code=401,
+                                headers={"Sprite-Version": SPRITE_VERSION,
+                                         "WWW-Authenticate": "Bearer"})
+        if scope["type"] == "http":
+            await response(scope, receive, send)
+        else:
+            await WebSocket(scope, receive, send).send_denial_response(response)
+
+
+class VersionHeaderMiddleware:
+    """Adds `Sprite-Version` to every HTTP response (the Go SDK reads it from any)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_version(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"sprite-version", SPRITE_VERSION.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)
+
+
+async def _wisp_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, WispError)
+    if exc.status >= 500:
+        log.warning("%s %s: %s", request.method, request.url.path, exc.message)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _fs_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FsError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    message = {404: f"no such endpoint: {request.method} {request.url.path}",
+               405: f"method {request.method} not allowed on {request.url.path}"}.get(
+                   exc.status_code, str(exc.detail))
+    return JSONResponse({"error": code, "message": message}, status_code=exc.status_code)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal_error", "message": "internal server error"},
+                        status_code=500)
+
+
+def build_app(routes: Sequence[BaseRoute], token: str,
+              lifespan: Callable[[Starlette], AbstractAsyncContextManager[Any]] | None = None
+              ) -> Starlette:
+    app = Starlette(
+        routes=list(routes),
+        lifespan=lifespan,
+        exception_handlers={
+            WispError: _wisp_error,
+            FsError: _fs_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+    )
+    app.add_middleware(AuthMiddleware, token=token)
+    app.add_middleware(VersionHeaderMiddleware)
+    return app

@@ -1,0 +1,103 @@
+"""Helpers shared by the route modules: body parsing, query values, NDJSON streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from wisp.errors import BadRequest, PayloadTooLarge, WispError
+
+__all__ = ["json_body", "query_int", "query_bool", "ndjson", "MAX_JSON_BYTES"]
+
+log = logging.getLogger("wisp.api")
+
+MAX_JSON_BYTES = 1 << 20
+
+
+async def json_body(request: Request, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """The request's JSON object; `{}` for an empty body. Oversized → 413, malformed → 400."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"request body is larger than {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"request body is larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object")
+    return value
+
+
+def query_int(request: Request, key: str, default: int) -> int:
+    raw = request.query_params.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {key} must be an integer, not {raw!r}") from None
+
+
+def query_bool(request: Request, key: str, default: bool = False) -> bool:
+    raw = request.query_params.get(key)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise BadRequest(f"query parameter {key} must be true or false, not {raw!r}")
+
+
+def ndjson(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """Stream progress events as NDJSON.
+
+    The work runs in its own task, apart from the response: a client that disconnects does
+    not cancel a checkpoint or restore half way; the work finishes (or fails cleanly) and
+    only the report is lost. A failure after the stream started becomes an `error` line.
+    """
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    async def work() -> None:
+        try:
+            async for item in events:
+                await queue.put(item)
+        except WispError as exc:
+            await queue.put({"type": "error", "error": exc.message, "code": exc.code})
+        except Exception as exc:  # reported on the stream, logged with its traceback here
+            log.exception("streamed operation failed")
+            await queue.put({"type": "error", "error": f"internal error: {exc}"})
+        finally:
+            await queue.put(None)
+
+    task = asyncio.create_task(work())
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+
+    async def body() -> AsyncIterator[bytes]:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            yield (json.dumps(item) + "\n").encode()
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+_running: set[asyncio.Task[None]] = set()

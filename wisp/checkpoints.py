@@ -1,0 +1,142 @@
+"""Checkpoints: point-in-time copies of a sprite's disk, made by `juicefs clone`.
+
+A checkpoint is a metadata clone of the sprite's ext4 image, taken while the sprite's
+processes are frozen and its ext4 is frozen, so it is crash-consistent. `v0` is the empty
+disk every sprite starts from (a factory reset). Files are written as `vN.img.in-progress`
+and renamed; the database row is written last, so a crash never leaves a listed checkpoint
+without its image, and leftovers without a row are removed at the next start.
+
+Restore clones the checkpoint next to the live disk first (while the sprite still runs),
+then stops the sprite, swaps the image in with one rename, and starts it again: a crash at
+any point leaves either the old disk or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from wisp.db import CheckpointRow, SpriteRow, now
+from wisp.errors import BadRequest, CheckpointNotFound, Conflict, QuotaExceeded
+from wisp.sprites import Sprites
+from wisp.storage import disk
+
+__all__ = ["Checkpoints", "event"]
+
+HISTORY_LIMIT = 32
+
+
+def event(kind: str, text: str, **extra: Any) -> dict[str, Any]:
+    """One NDJSON progress line in the SDKs' shape: `data` (or `error`) is always a string."""
+    key = "error" if kind == "error" else "data"
+    return {"type": kind, key: text, "time": now(), **extra}
+
+
+class Checkpoints:
+    def __init__(self, sprites: Sprites) -> None:
+        self.sprites = sprites
+        self.store = sprites.store
+
+    def to_json(self, cp: CheckpointRow) -> dict[str, Any]:
+        return {"id": cp.id, "create_time": cp.create_time, "comment": cp.comment,
+                "history": list(cp.history), "is_auto": False, "source_id": cp.source_id,
+                "health": "", "size_bytes": cp.size_bytes}
+
+    def list(self, name: str, history: str | None = None) -> list[CheckpointRow]:
+        row = self.sprites.row(name)
+        cps = self.store.checkpoints(row.id)
+        if history:
+            cps = [c for c in cps if any(history in h for h in c.history)]
+        return cps
+
+    def get(self, name: str, cp_id: str) -> CheckpointRow:
+        row = self.sprites.row(name)
+        cp = self.store.checkpoint(row.id, cp_id)
+        if cp is None:
+            raise CheckpointNotFound(name, cp_id)
+        return cp
+
+    # -- create ---------------------------------------------------------------------------
+    def prepare_create(self, name: str, comment: object) -> SpriteRow:
+        """Checks that must fail with a 4xx status before the progress stream starts."""
+        if comment is not None and not isinstance(comment, str):
+            raise BadRequest("comment must be a string")
+        if isinstance(comment, str) and len(comment) > 1024:
+            raise BadRequest("comment is longer than 1024 characters")
+        row = self.sprites.row(name)
+        self.sprites.volume.require()
+        return row
+
+    async def create(self, row: SpriteRow, comment: str) -> AsyncIterator[dict[str, Any]]:
+        sprites = self.sprites
+        yield event("info", "Creating checkpoint...")
+        await sprites.handle(row.name)  # checkpoints wake the sprite, as any API call does
+        async with sprites.lock(row.id):
+            row = sprites.row(row.name)
+            size = disk.used_bytes(sprites.disk_dir(row.id))
+            used = self.store.checkpoint_bytes(row.id)
+            limit = sprites.config.checkpoint_max_bytes
+            if used + size > limit:
+                raise QuotaExceeded(
+                    f"checkpoints of sprite '{row.name}' would hold {used + size} bytes, "
+                    f"over the limit of {limit}; delete old checkpoints first")
+            cp_id = f"v{row.next_checkpoint}"
+            final = sprites.checkpoint_image(row.id, cp_id)
+            partial = final.with_name(final.name + ".in-progress")
+            yield event("info", "Saving filesystem state...")
+            try:
+                await sprites.consistent_clone(row, partial)
+                os.replace(partial, final)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            parent = self.store.checkpoint(row.id, row.current_checkpoint or "")
+            history = (parent.history + [parent.id])[-HISTORY_LIMIT:] if parent else []
+            self.store.insert_checkpoint(
+                CheckpointRow(sprite_id=row.id, id=cp_id, seq=row.next_checkpoint,
+                              comment=comment or "", create_time=now(),
+                              source_id=parent.id if parent else None, history=history,
+                              size_bytes=size),
+                next_seq=row.next_checkpoint + 1)
+            self.store.update_sprite(row.id, current_checkpoint=cp_id)
+        yield event("complete", f"Checkpoint {cp_id} created", id=cp_id)
+
+    # -- restore --------------------------------------------------------------------------
+    def prepare_restore(self, name: str, cp_id: str) -> tuple[SpriteRow, CheckpointRow]:
+        cp = self.get(name, cp_id)
+        self.sprites.volume.require()
+        return self.sprites.row(name), cp
+
+    async def restore(self, row: SpriteRow, cp: CheckpointRow) -> AsyncIterator[dict[str, Any]]:
+        sprites = self.sprites
+        yield event("info", f"Restoring to {cp.id}...")
+        async with sprites.lock(row.id):
+            live = sprites.disk_image(row.id)
+            incoming = live.with_name("disk.img.restoring")
+            incoming.unlink(missing_ok=True)
+            await sprites.volume.clone(sprites.checkpoint_image(row.id, cp.id), incoming)
+            yield event("info", "Stopping sprite...")
+            try:
+                await sprites._stop(row.id)
+                os.replace(incoming, live)
+            except BaseException:
+                incoming.unlink(missing_ok=True)
+                raise
+            sprites.store.update_sprite(row.id, current_checkpoint=cp.id, updated_at=now())
+            yield event("info", "Starting sprite...")
+            await sprites._start(sprites.row(row.name))
+        yield event("complete", f"Restored to {cp.id}", id=cp.id)
+
+    # -- delete ---------------------------------------------------------------------------
+    async def delete(self, name: str, cp_id: str) -> None:
+        row = self.sprites.row(name)
+        cp = self.get(name, cp_id)
+        if cp.id == "v0":
+            raise Conflict("v0 is the empty disk every sprite can be reset to; it stays")
+        if cp.id == row.current_checkpoint:
+            raise Conflict(f"checkpoint {cp.id} is the one the sprite is running from")
+        self.sprites.volume.require()
+        async with self.sprites.lock(row.id):
+            self.store.delete_checkpoint(row.id, cp.id)
+            self.sprites.checkpoint_image(row.id, cp.id).unlink(missing_ok=True)

@@ -1,0 +1,172 @@
+"""Server configuration: one object, filled from defaults, an optional TOML file and env vars.
+
+Embedded defaults need no external service: JuiceFS with SQLite metadata and a local
+directory as its object store, all under the data dir. The TOML file switches the metadata
+engine (Redis, PostgreSQL URL) and the object store (any S3 endpoint):
+
+    [storage]
+    metadata = "redis://127.0.0.1:6379/1"      # or postgres://..., sqlite3://...
+    storage = "s3"                              # "file" (default) or "s3"
+    bucket = "http://127.0.0.1:8333/wisp"
+    access_key = "..."
+    secret_key = "..."
+    writeback = true
+    cache_size_mb = 10240
+
+    [sprites]
+    image = "debian"          # base image for new sprites
+    memory_mb = 1024
+    cpus = 1.0
+    pids = 2048
+
+    [checkpoints]
+    max_bytes = 107374182400  # all checkpoints of one sprite together
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from wisp.errors import BadRequest
+
+__all__ = ["Config", "StorageConfig", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA_DIR"]
+
+DEFAULT_LISTEN = "127.0.0.1:7770"
+DEFAULT_DATA_DIR = Path("/var/lib/wisp")
+GiB = 1 << 30
+
+
+@dataclass
+class StorageConfig:
+    metadata: str | None = None  # None: sqlite3 file under the data dir
+    storage: Literal["file", "s3"] = "file"
+    bucket: str | None = None  # None: a directory under the data dir
+    access_key: str | None = None
+    secret_key: str | None = None
+    writeback: bool = True
+    cache_size_mb: int = 10240
+    volume_name: str = "wisp"
+
+
+@dataclass
+class Config:
+    data_dir: Path = DEFAULT_DATA_DIR
+    listen: str = DEFAULT_LISTEN
+    token: str | None = None
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    image: str = "debian"
+    memory_mb: int = 1024
+    cpus: float = 1.0
+    pids: int = 2048
+    checkpoint_max_bytes: int = 100 * GiB
+    org: str = "wisp"
+    images_path: Path | None = None  # default: <data_dir>/images
+
+    # Paths derived from the data dir; everything the server owns lives below it.
+    @property
+    def state_db(self) -> Path:
+        return self.data_dir / "wisp.db"
+
+    @property
+    def volume_dir(self) -> Path:
+        return self.data_dir / "volume"
+
+    @property
+    def mount_point(self) -> Path:
+        return self.data_dir / "mnt"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.images_path or self.data_dir / "images"
+
+    @property
+    def runc_root(self) -> Path:
+        return self.data_dir / "run" / "runc"
+
+    @property
+    def metadata_url(self) -> str:
+        return self.storage.metadata or f"sqlite3://{self.volume_dir / 'meta.db'}"
+
+    @property
+    def bucket(self) -> str:
+        return self.storage.bucket or str(self.volume_dir / "chunks") + "/"
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host or "127.0.0.1", int(port)
+
+
+def _section(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise BadRequest(f"config: [{key}] must be a table")
+    return value
+
+
+def load_config(data_dir: Path | None = None, listen: str | None = None,
+                config_file: Path | None = None) -> Config:
+    """Defaults, then the TOML file, then env vars, then explicit arguments (strongest)."""
+    cfg = Config()
+    doc: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            doc = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise BadRequest(f"config file {config_file}: {exc}") from exc
+    server = _section(doc, "server")
+    storage = _section(doc, "storage")
+    sprites = _section(doc, "sprites")
+    checkpoints = _section(doc, "checkpoints")
+    if "data_dir" in server:
+        cfg.data_dir = Path(server["data_dir"])
+    if "listen" in server:
+        cfg.listen = str(server["listen"])
+    if "images_dir" in server:
+        cfg.images_path = Path(server["images_dir"])
+    for key in ("metadata", "storage", "bucket", "access_key", "secret_key", "writeback",
+                "cache_size_mb", "volume_name"):
+        if key in storage:
+            setattr(cfg.storage, key, storage[key])
+    if cfg.storage.storage not in ("file", "s3"):
+        raise BadRequest("config: storage.storage must be 'file' or 's3'")
+    if cfg.storage.storage == "s3" and not cfg.storage.bucket:
+        raise BadRequest("config: storage.bucket (an S3 URL) is required with storage = 's3'")
+    for key in ("image", "memory_mb", "cpus", "pids"):
+        if key in sprites:
+            setattr(cfg, key, sprites[key])
+    if "max_bytes" in checkpoints:
+        cfg.checkpoint_max_bytes = int(checkpoints["max_bytes"])
+
+    env = os.environ
+    if env.get("WISP_DATA_DIR"):
+        cfg.data_dir = Path(env["WISP_DATA_DIR"])
+    if env.get("WISP_LISTEN"):
+        cfg.listen = env["WISP_LISTEN"]
+    if env.get("WISP_TOKEN"):
+        cfg.token = env["WISP_TOKEN"]
+    if env.get("WISP_IMAGES_DIR"):
+        cfg.images_path = Path(env["WISP_IMAGES_DIR"])
+    if env.get("WISP_IMAGE"):
+        cfg.image = env["WISP_IMAGE"]
+    if env.get("WISP_CHECKPOINT_MAX_BYTES"):
+        cfg.checkpoint_max_bytes = int(env["WISP_CHECKPOINT_MAX_BYTES"])
+
+    if data_dir is not None:
+        cfg.data_dir = Path(data_dir)
+    if listen is not None:
+        cfg.listen = listen
+    cfg.data_dir = cfg.data_dir.absolute()
+    try:
+        cfg.listen_host_port
+    except ValueError:
+        raise BadRequest(f"listen address {cfg.listen!r} is not HOST:PORT") from None
+    return cfg

@@ -1,0 +1,83 @@
+"""The runtime interface shared by every driver (container now, QEMU microvm later).
+
+A runtime takes a prepared root filesystem and turns it into a running sprite whose
+processes are started through the in-sprite init agent (`wisp/runtime/init/wisp-init.c`).
+Callers outside `wisp/runtime/` only ever see `SpriteHandle`, never runc or QMP.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["SpriteHandle", "Limits", "Runtime", "ROOT_UID_BASE", "SPRITE_UID", "SPRITE_HOME"]
+
+#: Host uid that is root inside every sprite (user namespace mapping 0 -> 100000, 65536 ids).
+ROOT_UID_BASE = 100000
+ID_RANGE = 65536
+#: The default user inside a sprite, as the contract's `/home/sprite` implies.
+SPRITE_UID = 1000
+SPRITE_HOME = "/home/sprite"
+
+
+@dataclass(frozen=True)
+class SpriteHandle:
+    """What exec and the filesystem API need to reach a running sprite.
+
+    `rootfs` is the host path of the sprite's merged root filesystem; file operations on it
+    must run chrooted there under the mapped host uid (`host_uid(uid)`), never as host root.
+    `agent_socket` is the host path of the init agent's socket inside the sprite.
+    """
+
+    name: str
+    rootfs: Path
+    agent_socket: Path
+    uid_base: int = ROOT_UID_BASE
+    user_uid: int = SPRITE_UID
+    user_gid: int = SPRITE_UID
+    home: str = SPRITE_HOME
+    groups: tuple[int, ...] = field(default=(SPRITE_UID,))
+
+    def host_uid(self, uid: int) -> int:
+        return self.uid_base + uid
+
+
+@dataclass(frozen=True)
+class Limits:
+    """cgroup limits applied to a sprite."""
+
+    memory_mb: int = 1024
+    cpus: float = 1.0
+    pids: int = 2048
+
+
+class Runtime(abc.ABC):
+    """Operations every runtime driver implements. All are idempotent and check real state."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
+                    limits: Limits) -> None:
+        """Start the sprite's init on `rootfs`; return once its agent socket accepts."""
+
+    @abc.abstractmethod
+    async def stop(self, sprite_id: str) -> None:
+        """End every process of the sprite and release its runtime resources."""
+
+    @abc.abstractmethod
+    async def pause(self, sprite_id: str) -> None:
+        """Freeze every process (cgroup freezer); legal only while running."""
+
+    @abc.abstractmethod
+    async def resume(self, sprite_id: str) -> None:
+        """Thaw a paused sprite."""
+
+    @abc.abstractmethod
+    async def running(self, sprite_id: str) -> bool:
+        """True when the sprite's init is alive (asked of the system, not remembered)."""
+
+    @abc.abstractmethod
+    async def list_ids(self) -> list[str]:
+        """Ids of every sprite this driver has on the host, including crashed leftovers."""

@@ -1,0 +1,177 @@
+"""The container runtime: each running sprite is a runc container whose PID 1 is wisp-init.
+
+Only this module speaks runc. Every sprite gets a network namespace made by the host
+(`ip netns add wisp-<id>`, loopback up): it is owned by the host user namespace, so root in
+the sprite cannot reconfigure it, and the egress-policy work can later put a veth pair and
+nftables in it without touching the container spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+from wisp.errors import SystemError_
+from wisp.runtime import agent
+from wisp.runtime.base import ROOT_UID_BASE, Limits, Runtime
+from wisp.runtime.oci import make_spec
+from wisp.system import run
+
+__all__ = ["ContainerRuntime", "init_binary_path", "build_init"]
+
+NETNS_DIR = Path("/run/netns")
+
+
+def init_binary_path() -> Path:
+    return Path(__file__).resolve().parents[2] / "build" / "wisp-init"
+
+
+def _init_source() -> Path:
+    return Path(__file__).resolve().parent / "init" / "wisp-init.c"
+
+
+def build_init(target: Path | None = None) -> Path:
+    """Compile the static init agent if it is missing or older than its source."""
+    import subprocess
+
+    target = target or init_binary_path()
+    src = _init_source()
+    if target.exists() and target.stat().st_mtime >= src.stat().st_mtime:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    res = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(src)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemError_(f"building wisp-init failed: {res.stderr[-1000:]}")
+    os.replace(tmp, target)
+    return target
+
+
+class ContainerRuntime(Runtime):
+    name = "container"
+
+    def __init__(self, runc_root: Path, run_dir: Path, init_binary: Path | None = None) -> None:
+        self.runc_root = runc_root
+        self.run_dir = run_dir
+        self.init_binary = init_binary or init_binary_path()
+
+    def _runc(self, *args: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
+        return ["runc", "--root", self.runc_root, *args]
+
+    @staticmethod
+    def netns_name(sprite_id: str) -> str:
+        return f"wisp-{sprite_id[:24]}"
+
+    def bundle_dir(self, sprite_id: str) -> Path:
+        return self.run_dir / sprite_id / "bundle"
+
+    def agent_dir(self, sprite_id: str) -> Path:
+        return self.run_dir / sprite_id / "agent"
+
+    def agent_socket(self, sprite_id: str) -> Path:
+        return self.agent_dir(sprite_id) / "agent.sock"
+
+    async def _ensure_netns(self, sprite_id: str) -> Path:
+        name = self.netns_name(sprite_id)
+        path = NETNS_DIR / name
+        if not path.exists():
+            await run("ip", "netns", "add", name)
+        await run("ip", "-n", name, "link", "set", "lo", "up")
+        return path
+
+    async def _remove_netns(self, sprite_id: str) -> None:
+        name = self.netns_name(sprite_id)
+        if (NETNS_DIR / name).exists():
+            await run("ip", "netns", "delete", name, check=False)
+
+    async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
+                    limits: Limits) -> None:
+        if await self.running(sprite_id):
+            return
+        await self._delete(sprite_id)  # a dead leftover with the same id blocks `runc run`
+        self.runc_root.mkdir(parents=True, exist_ok=True)
+        bundle = self.bundle_dir(sprite_id)
+        bundle.mkdir(parents=True, exist_ok=True)
+        agent_dir = self.agent_dir(sprite_id)
+        if agent_dir.exists():
+            shutil.rmtree(agent_dir)
+        agent_dir.mkdir(parents=True, mode=0o700)
+        os.chown(agent_dir, ROOT_UID_BASE, ROOT_UID_BASE)
+        netns = await self._ensure_netns(sprite_id)
+        spec = make_spec(hostname=hostname, rootfs=rootfs, init_binary=self.init_binary,
+                         agent_dir=agent_dir, netns=netns, cgroup_path=f"/wisp/{sprite_id}",
+                         limits=limits)
+        (bundle / "config.json").write_text(json.dumps(spec, indent=1))
+        log = self.run_dir / sprite_id / "init.log"
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._runc("run", "-d", "--pid-file", bundle / "init.pid", "-b", bundle,
+                            sprite_id),
+                stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd)
+        finally:
+            os.close(fd)
+        if await proc.wait() != 0:
+            tail = log.read_text(errors="replace")[-800:]
+            await self.stop(sprite_id)
+            raise SystemError_(f"runc run failed for sprite {sprite_id}: {tail}")
+        try:
+            await agent.wait_ready(self.agent_socket(sprite_id), timeout=10)
+        except BaseException:
+            await self.stop(sprite_id)
+            raise
+
+    async def _state(self, sprite_id: str) -> dict[str, object] | None:
+        res = await run(*self._runc("state", sprite_id), check=False, timeout=30)
+        if res.returncode != 0:
+            return None
+        try:
+            state: dict[str, object] = json.loads(res.stdout)
+        except ValueError:
+            return None
+        return state
+
+    async def running(self, sprite_id: str) -> bool:
+        state = await self._state(sprite_id)
+        return state is not None and state.get("status") in ("running", "paused")
+
+    async def pause(self, sprite_id: str) -> None:
+        await run(*self._runc("pause", sprite_id), timeout=30)
+
+    async def resume(self, sprite_id: str) -> None:
+        await run(*self._runc("resume", sprite_id), timeout=30)
+
+    async def _delete(self, sprite_id: str) -> None:
+        state = await self._state(sprite_id)
+        if state is None:
+            return
+        if state.get("status") == "paused":
+            await run(*self._runc("resume", sprite_id), check=False, timeout=30)
+        await run(*self._runc("kill", sprite_id, "KILL"), check=False, timeout=30)
+        res = await run(*self._runc("delete", "--force", sprite_id), check=False, timeout=60)
+        if res.returncode != 0 and await self._state(sprite_id) is not None:
+            raise SystemError_(f"runc delete {sprite_id} failed: "
+                               f"{res.stderr.decode(errors='replace')[-300:]}")
+
+    async def stop(self, sprite_id: str) -> None:
+        await self._delete(sprite_id)
+        await self._remove_netns(sprite_id)
+        sprite_run = self.run_dir / sprite_id
+        for sub in ("bundle", "agent"):
+            shutil.rmtree(sprite_run / sub, ignore_errors=True)
+
+    async def list_ids(self) -> list[str]:
+        ids: set[str] = set()
+        if self.runc_root.exists():
+            res = await run(*self._runc("list", "-q"), check=False, timeout=30)
+            ids.update(line.strip() for line in res.stdout.decode().splitlines() if line.strip())
+        return sorted(ids)
+
+    async def leftover_netns(self) -> list[str]:
+        if not NETNS_DIR.exists():
+            return []
+        return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith("wisp-"))

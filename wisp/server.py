@@ -1,0 +1,167 @@
+"""`wisp serve`: wire the parts together and run them under uvicorn.
+
+Start order: host clean-up of what a crashed predecessor left → JuiceFS volume → recovery of
+interrupted work → API. Stop order is the reverse: sessions → sprites (container, overlay,
+ext4, loop) → volume (flushed). The first SIGINT/SIGTERM drains, a second one forces
+(uvicorn's behaviour).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from wisp.config import Config, load_config
+
+__all__ = ["Services", "serve", "build", "client_config_path", "ensure_token"]
+
+log = logging.getLogger("wisp.server")
+
+
+@dataclass
+class Services:
+    """Every long-lived part of a server, built once and shared by the routes."""
+
+    config: Config
+    token: str
+    store: object
+    volume: object
+    images: object
+    runtime: object
+    sessions: object
+    sprites: object
+    checkpoints: object
+
+
+def client_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "wisp" / "client.json"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def ensure_token(config: Config) -> str:
+    """WISP_TOKEN when set; else the token stored (0600) under the data dir, made once."""
+    if config.token:
+        return config.token
+    path = config.data_dir / "token"
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_hex(32)
+    _write_private(path, token + "\n")
+    return token
+
+
+def build(config: Config) -> tuple[Services, object]:
+    """Make the services and the ASGI app (nothing touches the host until the lifespan)."""
+    from starlette.applications import Starlette
+
+    from wisp.api.app import build_app
+    from wisp.api.fs_routes import fs_routes
+    from wisp.api.sprites_routes import sprite_routes
+    from wisp.checkpoints import Checkpoints
+    from wisp.db import Store
+    from wisp.exec.routes import exec_routes
+    from wisp.exec.sessions import SessionRegistry
+    from wisp.images import ImageStore
+    from wisp.runtime.container import ContainerRuntime
+    from wisp.sprites import Sprites
+    from wisp.storage.juicefs import Volume
+
+    token = ensure_token(config)
+    store = Store(config.state_db)
+    volume = Volume(config)
+    images = ImageStore(config.images_dir)
+    runtime = ContainerRuntime(config.runc_root, config.run_dir / "sprites")
+    sessions = SessionRegistry()
+    sprites = Sprites(config, store, volume, images, runtime, sessions)
+    volume.on_lost = sprites.storage_lost
+    checkpoints = Checkpoints(sprites)
+    svc = Services(config, token, store, volume, images, runtime, sessions, sprites,
+                   checkpoints)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await sprites.clear_host()
+        await volume.start()
+        await sprites.recover()
+        log.info("wisp ready on %s", config.listen)
+        try:
+            yield
+        finally:
+            await sessions.close_all()
+            await sprites.stop_all()
+            await volume.stop()
+            store.close()
+
+    routes = [*sprite_routes(svc), *exec_routes(sprites.handle, sessions),
+              *fs_routes(sprites.handle)]
+    app = build_app(routes, token, lifespan)
+    return svc, app
+
+
+def _ensure_base_image(config: Config) -> None:
+    from wisp.images import ImageStore
+
+    images = ImageStore(config.images_dir)
+    if images.latest(config.image) is not None:
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status(f"building base image '{config.image}' (first run only)…") as status:
+        def progress(line: str) -> None:
+            status.update(f"building base image '{config.image}': {line[:100]}")
+
+        if config.image == "busybox":
+            images.build_busybox(config.image)
+        else:
+            images.build_debian(config.image, progress=progress)
+    console.print(f"base image '{config.image}' ready")
+
+
+def serve(data_dir: Path | None = None, listen: str | None = None,
+          config_file: Path | None = None) -> None:
+    import uvicorn
+
+    from wisp.runtime.container import build_init
+
+    if os.geteuid() != 0:
+        sys.exit("wisp serve must run as root (it mounts disks and runs containers)")
+    logging.basicConfig(level=os.environ.get("WISP_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(data_dir, listen, config_file)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(config.data_dir, 0o711)
+    build_init()
+    _ensure_base_image(config)
+    svc, app = build(config)
+    host, port = config.listen_host_port
+    api = f"http://{host}:{port}"
+    client = json.dumps({"api": api, "token": svc.token}, indent=1) + "\n"
+    _write_private(config.data_dir / "client.json", client)
+    if os.environ.get("WISP_NO_CLIENT_CONFIG") != "1":
+        _write_private(client_config_path(), client)
+    print(f"\nWisp API:  {api}\nToken:     {svc.token}\n"
+          f"Try:       wisp create hello && wisp exec -s hello -- uname -a\n",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, ws="websockets", log_level="warning",
+                ws_max_size=32 * 1024 * 1024, ws_ping_interval=20, ws_ping_timeout=60,
+                timeout_graceful_shutdown=10, lifespan="on")

@@ -1,0 +1,416 @@
+"""Sprites: the lifecycle of each sprite and the one seam where its actions are legal.
+
+States (the contract's `status`):
+
+    cold ──start (any exec, fs, checkpoint…)──▶ running
+    running ──stop / server shutdown / storage lost──▶ cold
+
+Records: `creating` ─▶ `ready` ─▶ `deleting` ─▶ (gone). A start after a crash finishes a
+`deleting` sprite and removes a `creating` one, so no half-made sprite survives.
+
+Boot order of a sprite: storage (loop-mounted ext4 on JuiceFS) → overlay root → container.
+Stop is the reverse. Every action on one sprite holds that sprite's lock, so a restore and
+an exec never see the disk half swapped; exec's fast path on a running sprite takes no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wisp.config import Config
+from wisp.db import CheckpointRow, SpriteRow, Store, now
+from wisp.errors import BadRequest, InvalidName, SpriteExists, SpriteNotFound, SystemError_
+from wisp.runtime.base import Limits, SpriteHandle
+from wisp.runtime.container import ContainerRuntime
+from wisp.storage import disk
+from wisp.storage.juicefs import Volume
+from wisp.system import loop_devices_for, mounts_under, pid_alive, run
+
+if TYPE_CHECKING:
+    from wisp.exec.sessions import SessionRegistry
+    from wisp.images import Image, ImageStore
+
+__all__ = ["Sprites", "NAME_RE", "validate_name"]
+
+log = logging.getLogger("wisp.sprites")
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TEMPLATE = "empty-v1.img"
+ENV_VERSION = "wisp-0.1.0"
+
+
+def validate_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidName(
+            f"invalid sprite name {name!r}: use 1-63 lowercase letters, digits and '-', "
+            "starting with a letter or digit")
+    return name
+
+
+@dataclass
+class _Live:
+    handle: SpriteHandle
+    init_pid: int
+
+
+class Sprites:
+    """Owns every sprite on this host: records, disks, mounts and runtime."""
+
+    def __init__(self, config: Config, store: Store, volume: Volume, images: ImageStore,
+                 runtime: ContainerRuntime, sessions: SessionRegistry) -> None:
+        self.config = config
+        self.store = store
+        self.volume = volume
+        self.images = images
+        self.runtime = runtime
+        self.sessions = sessions
+        self.sprites_run = config.run_dir / "sprites"
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._live: dict[str, _Live] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- paths ----------------------------------------------------------------------------
+    def volume_dir(self, sprite_id: str) -> Path:
+        return self.volume.path("sprites", sprite_id)
+
+    def disk_image(self, sprite_id: str) -> Path:
+        return self.volume_dir(sprite_id) / "disk.img"
+
+    def checkpoint_image(self, sprite_id: str, cp_id: str) -> Path:
+        return self.volume_dir(sprite_id) / "checkpoints" / f"{cp_id}.img"
+
+    def disk_dir(self, sprite_id: str) -> Path:
+        return self.sprites_run / sprite_id / "disk"
+
+    def rootfs_dir(self, sprite_id: str) -> Path:
+        return self.sprites_run / sprite_id / "rootfs"
+
+    @property
+    def template(self) -> Path:
+        return self.volume.path("templates", TEMPLATE)
+
+    def lock(self, sprite_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sprite_id, asyncio.Lock())
+
+    # -- lookups --------------------------------------------------------------------------
+    def row(self, name: str) -> SpriteRow:
+        row = self.store.sprite_by_name(name) if isinstance(name, str) else None
+        if row is None or row.state != "ready":
+            raise SpriteNotFound(str(name))
+        return row
+
+    def status(self, row: SpriteRow) -> str:
+        live = self._live.get(row.id)
+        return "running" if live is not None and pid_alive(live.init_pid) else "cold"
+
+    def to_json(self, row: SpriteRow) -> dict[str, Any]:
+        host, port = self.config.listen_host_port
+        return {
+            "id": row.id,
+            "name": row.name,
+            "organization": self.config.org,
+            "status": self.status(row),
+            "url": f"http://{row.name}.localhost:{port}",
+            "url_settings": {"auth": "sprite", **row.url_settings},
+            "labels": list(row.labels),
+            "version": ENV_VERSION,
+            "environment_version": ENV_VERSION,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+            "last_running_at": row.last_running_at,
+            "last_warming_at": row.last_warming_at,
+            "config": {"ram_mb": self.config.memory_mb, "cpus": max(1, int(self.config.cpus)),
+                       "region": "local", "storage_gb": 100},
+            "environment": dict(row.environment),
+            "image": f"{row.image}@{row.image_version}",
+        }
+
+    def counts(self) -> dict[str, int]:
+        rows = self.store.sprites()
+        running = sum(1 for r in rows if self.status(r) == "running")
+        return {"running": running, "warm": 0, "cold": len(rows) - running}
+
+    # -- create / delete ------------------------------------------------------------------
+    def _base_image(self, name: str | None = None) -> Image:
+        image = self.images.latest(name or self.config.image)
+        if image is None:
+            raise SystemError_(f"base image '{name or self.config.image}' is not built; run "
+                               "`wisp image build`")
+        return image
+
+    async def create(self, name: str, labels: list[str] | None = None,
+                     url_settings: dict[str, Any] | None = None,
+                     environment: dict[str, str] | None = None,
+                     source: tuple[SpriteRow, str | None] | None = None) -> SpriteRow:
+        """Make a sprite's record and disk; with `source` (sprite, checkpoint or None for its
+        live state) the disk is a clone of that sprite's — a fork."""
+        validate_name(name)
+        if self.store.sprite_by_name(name) is not None:
+            raise SpriteExists(name)
+        self.volume.require()
+        if source is not None:
+            image_name, image_version = source[0].image, source[0].image_version
+            if self.images.get(image_name, image_version) is None:
+                raise SystemError_(f"source image {image_name}@{image_version} is gone")
+        else:
+            base = self._base_image()
+            image_name, image_version = base.name, base.version
+        stamp = now()
+        row = SpriteRow(id="sprite-" + str(uuid.uuid4()), name=name, state="creating",
+                        image=image_name, image_version=image_version,
+                        labels=list(labels or []), url_settings=dict(url_settings or {}),
+                        environment=dict(environment or {}), created_at=stamp,
+                        updated_at=stamp)
+        try:
+            self.store.insert_sprite(row)
+        except Exception as exc:  # sqlite3.IntegrityError: a concurrent create won
+            raise SpriteExists(name) from exc
+        try:
+            async with self.lock(row.id):
+                cps = self.volume_dir(row.id) / "checkpoints"
+                await asyncio.to_thread(cps.mkdir, parents=True, exist_ok=True)
+                if source is None:
+                    await self.volume.clone(self.template, self.disk_image(row.id))
+                else:
+                    await self._clone_from(source[0], source[1], self.disk_image(row.id))
+                await self.volume.clone(self.template, self.checkpoint_image(row.id, "v0"))
+                self.store.insert_checkpoint(
+                    CheckpointRow(sprite_id=row.id, id="v0", seq=0, comment="empty disk",
+                                  create_time=stamp, source_id=None, history=[],
+                                  size_bytes=0), next_seq=1)
+                self.store.update_sprite(row.id, state="ready")
+                row.state = "ready"
+        except BaseException:
+            await asyncio.shield(self._purge(row.id))
+            raise
+        return row
+
+    async def _clone_from(self, src: SpriteRow, checkpoint: str | None, dst: Path) -> None:
+        """Clone another sprite's checkpoint, or its live disk frozen for the clone only."""
+        if checkpoint is not None:
+            await self.volume.clone(self.checkpoint_image(src.id, checkpoint), dst)
+            return
+        async with self.lock(src.id):
+            await self.consistent_clone(src, dst)
+
+    async def consistent_clone(self, row: SpriteRow, dst: Path) -> None:
+        """Clone `row`'s disk image to `dst` as a crash-consistent point in time.
+
+        Caller holds the sprite's lock. A running sprite is synced first (most dirty data
+        leaves while it still runs), then frozen — processes by the cgroup freezer, the ext4
+        by fsfreeze — for the metadata clone alone.
+        """
+        live = self._live.get(row.id)
+        if live is None or not pid_alive(live.init_pid):
+            await self.volume.clone(self.disk_image(row.id), dst)
+            return
+        disk_dir = self.disk_dir(row.id)
+        await disk.sync(disk_dir)
+        await self.runtime.pause(row.id)
+        try:
+            await disk.freeze(disk_dir)
+            try:
+                await self.volume.clone(self.disk_image(row.id), dst)
+            finally:
+                await disk.thaw(disk_dir)
+        finally:
+            await self.runtime.resume(row.id)
+
+    async def delete(self, name: str) -> None:
+        row = self.row(name)
+        async with self.lock(row.id):
+            self.store.update_sprite(row.id, state="deleting")
+            await self._purge(row.id)
+        self._locks.pop(row.id, None)
+
+    async def _purge(self, sprite_id: str) -> None:
+        """Remove every trace of a sprite, in reverse boot order; safe to repeat."""
+        await self._stop(sprite_id)
+        if self.volume.available:
+            await asyncio.to_thread(shutil.rmtree, self.volume_dir(sprite_id), True)
+        await asyncio.to_thread(shutil.rmtree, self.sprites_run / sprite_id, True)
+        self.store.delete_sprite(sprite_id)
+
+    # -- update / upgrade -----------------------------------------------------------------
+    async def update(self, name: str, body: dict[str, Any]) -> SpriteRow:
+        row = self.row(name)
+        fields: dict[str, Any] = {}
+        if "labels" in body and body["labels"] is not None:
+            labels = body["labels"]
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                raise BadRequest("labels must be an array of strings")
+            fields["labels"] = labels
+        if body.get("clear_labels") is True:
+            fields["labels"] = []
+        if "url_settings" in body and body["url_settings"] is not None:
+            fields["url_settings"] = check_url_settings(body["url_settings"])
+        if not fields:
+            raise BadRequest("nothing to update: send labels, clear_labels or url_settings")
+        fields["updated_at"] = now()
+        self.store.update_sprite(row.id, **fields)
+        return self.row(name)
+
+    async def upgrade(self, name: str) -> SpriteRow:
+        """Move the sprite onto the newest build of its base image, keeping its disk."""
+        row = self.row(name)
+        newest = self._base_image(row.image)
+        if newest.version == row.image_version:
+            return row
+        async with self.lock(row.id):
+            was_running = row.id in self._live
+            await self._stop(row.id)
+            self.store.update_sprite(row.id, image_version=newest.version, updated_at=now())
+            if was_running:
+                await self._start(self.row(name))
+        return self.row(name)
+
+    # -- run / stop -----------------------------------------------------------------------
+    async def handle(self, name: str) -> SpriteHandle:
+        """The running sprite, woken first if it is cold (requests wait, never fail)."""
+        row = self.row(name)
+        live = self._live.get(row.id)
+        if live is not None and pid_alive(live.init_pid):
+            return live.handle
+        async with self.lock(row.id):
+            return await self._start(self.row(name))
+
+    async def _start(self, row: SpriteRow) -> SpriteHandle:
+        live = self._live.get(row.id)
+        if live is not None and pid_alive(live.init_pid):
+            return live.handle
+        self.volume.require()
+        if live is not None:  # died behind our back: tear down before starting again
+            await self._stop(row.id)
+        image = self.images.get(row.image, row.image_version)
+        if image is None:
+            raise SystemError_(f"base image {row.image}@{row.image_version} of sprite "
+                               f"'{row.name}' is missing")
+        disk_dir, rootfs = self.disk_dir(row.id), self.rootfs_dir(row.id)
+        try:
+            await disk.mount_disk(self.disk_image(row.id), disk_dir, image.rootfs, rootfs)
+            await self.runtime.start(row.id, row.name, rootfs, self.sprites_run / row.id,
+                                     Limits(self.config.memory_mb, self.config.cpus,
+                                            self.config.pids))
+        except BaseException:
+            await asyncio.shield(self._stop(row.id))
+            raise
+        pid = int((self.runtime.bundle_dir(row.id) / "init.pid").read_text())
+        handle = SpriteHandle(name=row.name, rootfs=rootfs,
+                              agent_socket=self.runtime.agent_socket(row.id))
+        self._live[row.id] = _Live(handle, pid)
+        self.store.update_sprite(row.id, last_running_at=now())
+        return handle
+
+    def prestart(self, name: str) -> None:
+        """Start a new sprite in the background: the first exec usually follows a create."""
+        async def start() -> None:
+            try:
+                await self.handle(name)
+            except Exception as exc:
+                log.info("background start of %s failed: %s", name, exc)
+
+        task = asyncio.create_task(start())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def stop(self, name: str) -> None:
+        row = self.row(name)
+        async with self.lock(row.id):
+            await self._stop(row.id)
+
+    async def _stop(self, sprite_id: str) -> None:
+        """Container, then overlay, then ext4 and its loop device. Idempotent."""
+        live = self._live.pop(sprite_id, None)
+        if live is not None:
+            await self.sessions.close_sprite(live.handle.name)
+        await self.runtime.stop(sprite_id)
+        await disk.unmount_disk(self.disk_dir(sprite_id), self.rootfs_dir(sprite_id),
+                                self.disk_image(sprite_id))
+
+    # -- server start / stop --------------------------------------------------------------
+    async def clear_host(self) -> None:
+        """Tear down whatever an earlier server process left running (reverse boot order).
+
+        Runs before the volume is mounted: containers first, then every mount below our run
+        dir, then loop devices whose backing files live on the volume.
+        """
+        for sprite_id in await self.runtime.list_ids():
+            await self.runtime.stop(sprite_id)
+        for row in self.store.all_sprites():
+            await self.runtime.stop(row.id)  # removes its netns too
+        if self.sprites_run.exists():
+            for point, _ in mounts_under(self.sprites_run):
+                await run("fsfreeze", "-u", point, check=False)
+                res = await run("umount", point, check=False)
+                if res.returncode != 0:
+                    await run("umount", "-l", point, check=False)
+        for dev in loop_devices_for(self.config.mount_point):
+            await run("losetup", "-d", dev, check=False)
+        self._live.clear()
+
+    async def recover(self) -> None:
+        """After the volume is mounted: finish or undo what a crash interrupted."""
+        if not self.template.exists():
+            self.template.parent.mkdir(parents=True, exist_ok=True)
+            await disk.make_template(self.template)
+        for row in self.store.all_sprites():
+            if row.state in ("creating", "deleting"):
+                log.info("removing %s sprite %s left by a crash", row.state, row.name)
+                await self._purge(row.id)
+                continue
+            self._clean_sprite_dir(row)
+        known = {r.id for r in self.store.all_sprites()}
+        sprites_dir = self.volume.path("sprites")
+        if sprites_dir.exists():
+            for entry in sprites_dir.iterdir():
+                if entry.name not in known:
+                    shutil.rmtree(entry, ignore_errors=True)
+
+    def _clean_sprite_dir(self, row: SpriteRow) -> None:
+        """Drop half-written files and checkpoint images that have no record."""
+        cps = self.volume_dir(row.id) / "checkpoints"
+        recorded = {c.id for c in self.store.checkpoints(row.id)}
+        for leftover in self.volume_dir(row.id).glob("*.restoring"):
+            leftover.unlink(missing_ok=True)
+        if cps.exists():
+            for f in cps.iterdir():
+                if f.suffix != ".img" or f.stem not in recorded:
+                    log.info("removing unrecorded checkpoint file %s", f)
+                    f.unlink(missing_ok=True)
+
+    async def stop_all(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        for sprite_id in list(self._live):
+            async with self.lock(sprite_id):
+                await self._stop(sprite_id)
+
+    async def storage_lost(self) -> None:
+        """JuiceFS died: fail fast — kill every sprite; they restart from durable state."""
+        for sprite_id in list(self._live):
+            try:
+                await self._stop(sprite_id)
+            except Exception:
+                log.exception("stopping sprite %s after storage loss", sprite_id)
+
+
+def check_url_settings(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest("url_settings must be an object")
+    out: dict[str, Any] = {}
+    for key in ("auth", "private_access"):
+        if key in value and value[key] is not None:
+            if not isinstance(value[key], str):
+                raise BadRequest(f"url_settings.{key} must be a string")
+            out[key] = value[key]
+    if "auth" in out and out["auth"] not in ("sprite", "public"):
+        raise BadRequest("url_settings.auth must be 'sprite' or 'public'")
+    return out
+

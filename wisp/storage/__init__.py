@@ -1,0 +1,1 @@
+"""Storage: the JuiceFS volume (`juicefs`) and each sprite's loop-mounted disk (`disk`)."""

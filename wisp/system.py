@@ -1,0 +1,109 @@
+"""Running host commands and reading real system state.
+
+Every component that touches the host (mounts, loop devices, processes) asks the kernel what
+is true (`/proc/self/mountinfo`, `losetup`, `kill(pid, 0)`) instead of trusting its own flags,
+so that a start after a crash sees exactly what the crash left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+from wisp.errors import SystemError_
+
+__all__ = ["run", "run_sync", "mounts_under", "is_mountpoint", "pid_alive", "loop_devices_for"]
+
+
+async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float = 120.0,
+              input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run a command without a shell; on failure raise `SystemError_` naming it and its stderr."""
+    args = [os.fspath(a) for a in argv]
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise SystemError_(f"{args[0]} timed out after {timeout:.0f}s") from None
+    result = subprocess.CompletedProcess(args, proc.returncode or 0, out, err)
+    if check and proc.returncode != 0:
+        raise SystemError_(
+            f"{' '.join(args[:3])} failed (exit {proc.returncode}): "
+            f"{err.decode(errors='replace').strip()[-500:]}"
+        )
+    return result
+
+
+def run_sync(*argv: str | os.PathLike[str], check: bool = True,
+             timeout: float = 120.0) -> subprocess.CompletedProcess[bytes]:
+    """Blocking twin of `run` for start-up, shutdown and the CLI; never call from the loop."""
+    args = [os.fspath(a) for a in argv]
+    result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise SystemError_(
+            f"{' '.join(args[:3])} failed (exit {result.returncode}): "
+            f"{result.stderr.decode(errors='replace').strip()[-500:]}"
+        )
+    return result
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
+        "\\134", "\\")
+
+
+def mounts_under(prefix: Path) -> list[tuple[str, str]]:
+    """(mount point, fs type) of every mount at or below `prefix`, deepest first."""
+    base = os.path.realpath(prefix)
+    found: list[tuple[str, str]] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            point = _unescape(parts[4])
+            fstype = parts[sep + 1]
+            if point == base or point.startswith(base.rstrip("/") + "/"):
+                found.append((point, fstype))
+    found.sort(key=lambda m: m[0].count("/"), reverse=True)
+    return found
+
+
+def is_mountpoint(path: Path, fstype: str | None = None) -> bool:
+    real = os.path.realpath(path)
+    for point, kind in mounts_under(Path(real)):
+        if point == real and (fstype is None or kind == fstype):
+            return True
+    return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def loop_devices_for(backing_prefix: Path) -> list[str]:
+    """Loop devices whose backing file lies under `backing_prefix` (read from sysfs)."""
+    base = os.path.realpath(backing_prefix)
+    devices: list[str] = []
+    for entry in Path("/sys/block").glob("loop*"):
+        backing = entry / "loop" / "backing_file"
+        try:
+            target = backing.read_text().strip()
+        except OSError:
+            continue
+        if target.startswith(base):
+            devices.append("/dev/" + entry.name)
+    return devices
