@@ -9,7 +9,6 @@ ext4, loop) → volume (flushed). The first SIGINT/SIGTERM drains, a second one 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from wisp.config import Config, load_config
 
-__all__ = ["Services", "serve", "build", "client_config_path", "ensure_token"]
+__all__ = ["Services", "serve", "build", "ensure_token"]
 
 log = logging.getLogger("wisp.server")
 
@@ -38,11 +37,6 @@ class Services:
     sessions: object
     sprites: object
     checkpoints: object
-
-
-def client_config_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "wisp" / "client.json"
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -155,10 +149,11 @@ def serve(data_dir: Path | None = None, listen: str | None = None,
     svc, app = build(config)
     host, port = config.listen_host_port
     api = f"http://{host}:{port}"
-    client = json.dumps({"api": api, "token": svc.token}, indent=1) + "\n"
-    _write_private(config.data_dir / "client.json", client)
+    from wisp.client import write_client_config
+
+    write_client_config(api, svc.token, config.data_dir / "client.json")
     if os.environ.get("WISP_NO_CLIENT_CONFIG") != "1":
-        _write_private(client_config_path(), client)
+        write_client_config(api, svc.token)
     print(f"\nWisp API:  {api}\nToken:     {svc.token}\n"
           f"Try:       wisp create hello && wisp exec -s hello -- uname -a\n",
           flush=True)

@@ -1,0 +1,67 @@
+"""The `wisp` command: a client of the Wisp HTTP API (plus the local `serve` and `image`).
+
+Every sprite/exec/checkpoint verb goes through `wisp.client.Client` to the server, never
+into the engine directly, so the CLI exercises exactly what the SDKs use. Options can come
+from WISP_* environment variables (`--api` = WISP_API, `--token` = WISP_TOKEN, and
+`WISP_<COMMAND>_<OPTION>` for the rest).
+
+Exit codes: 0 ok; 1 the operation failed (`error: <message>` on stderr); 2 usage error;
+`wisp exec`/`console` exit with the remote command's code (255: connection lost).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from wisp import __version__
+from wisp.cli.checkpoints import checkpoint, restore
+from wisp.cli.context import State, fail, known_error_message
+from wisp.cli.exec import console, exec_
+from wisp.cli.images import image
+from wisp.cli.serve import serve
+from wisp.cli.sprites import create, destroy, fork, list_, show, use
+
+__all__ = ["cli", "main"]
+
+
+class WispGroup(click.Group):
+    """Lists commands in the order they were added (workflow order, not alphabetical) and
+    turns expected failures (API errors, unreachable server, engine errors from the local
+    admin commands) into `error: <message>` with exit 1 instead of a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = known_error_message(exc)
+            if message is None:
+                raise
+            fail(message)
+
+
+@click.group(cls=WispGroup, context_settings={"auto_envvar_prefix": "WISP",
+                                              "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="wisp")
+@click.option("--api", metavar="URL", envvar="WISP_API", show_envvar=True,
+              help="Wisp API URL [default: from ~/.config/wisp/client.json].")
+@click.option("--token", metavar="TOKEN", envvar="WISP_TOKEN", show_envvar=True,
+              help="API bearer token [default: from ~/.config/wisp/client.json].")
+@click.pass_context
+def cli(ctx: click.Context, api: str | None, token: str | None) -> None:
+    """Wisp: persistent Linux sandboxes ("sprites") on this host."""
+    ctx.obj = State(api, token)
+
+
+for command in (create, list_, show, use, exec_, console, checkpoint, restore, fork,
+                destroy, serve, image):
+    cli.add_command(command)
+
+
+def main() -> None:
+    """Console-script entry point (`wisp = wisp.cli.main:main`)."""
+    cli(prog_name="wisp")
