@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,8 @@ def leak_check() -> Iterator[Path]:
     yield BASE
     found = {k: v for k, v in leaks(BASE).items() if v}
     assert not found, f"leaked after the test session: {found}"
+    if os.environ.get("WISP_KEEP_TEST_DIR") != "1":
+        shutil.rmtree(BASE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

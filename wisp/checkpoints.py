@@ -20,7 +20,6 @@ from typing import Any
 from wisp.db import CheckpointRow, SpriteRow, now
 from wisp.errors import BadRequest, CheckpointNotFound, Conflict, QuotaExceeded
 from wisp.sprites import Sprites
-from wisp.storage import disk
 
 __all__ = ["Checkpoints", "event"]
 
@@ -58,29 +57,40 @@ class Checkpoints:
         return cp
 
     # -- create ---------------------------------------------------------------------------
-    def prepare_create(self, name: str, comment: object) -> SpriteRow:
-        """Checks that must fail with a 4xx status before the progress stream starts."""
+    async def prepare_create(self, name: str, comment: object) -> SpriteRow:
+        """Checks that must fail with a 4xx status before the progress stream starts.
+
+        Wakes the sprite (checkpoints need its disk mounted, as any API call may) and checks
+        the byte budget, so an over-quota request gets its error as a status, not a line.
+        """
         if comment is not None and not isinstance(comment, str):
             raise BadRequest("comment must be a string")
         if isinstance(comment, str) and len(comment) > 1024:
             raise BadRequest("comment is longer than 1024 characters")
         row = self.sprites.row(name)
         self.sprites.volume.require()
+        await self.sprites.handle(name)
+        self._check_quota(row)
         return row
+
+    def _check_quota(self, row: SpriteRow) -> int:
+        """The new checkpoint's size; raises QuotaExceeded when it would not fit."""
+        size = self.sprites.data_bytes(row.id)
+        used = self.store.checkpoint_bytes(row.id)
+        limit = self.sprites.config.checkpoint_max_bytes
+        if used + size > limit:
+            raise QuotaExceeded(
+                f"checkpoints of sprite '{row.name}' would hold {used + size} bytes, over "
+                f"the limit of {limit}; delete old checkpoints first")
+        return size
 
     async def create(self, row: SpriteRow, comment: str) -> AsyncIterator[dict[str, Any]]:
         sprites = self.sprites
         yield event("info", "Creating checkpoint...")
-        await sprites.handle(row.name)  # checkpoints wake the sprite, as any API call does
         async with sprites.lock(row.id):
             row = sprites.row(row.name)
-            size = disk.used_bytes(sprites.disk_dir(row.id))
-            used = self.store.checkpoint_bytes(row.id)
-            limit = sprites.config.checkpoint_max_bytes
-            if used + size > limit:
-                raise QuotaExceeded(
-                    f"checkpoints of sprite '{row.name}' would hold {used + size} bytes, "
-                    f"over the limit of {limit}; delete old checkpoints first")
+            await sprites.handle_locked(row)
+            size = self._check_quota(row)
             cp_id = f"v{row.next_checkpoint}"
             final = sprites.checkpoint_image(row.id, cp_id)
             partial = final.with_name(final.name + ".in-progress")

@@ -102,6 +102,7 @@ def build(config: Config) -> tuple[Services, object]:
         finally:
             await sessions.close_all()
             await sprites.stop_all()
+            await sprites.clear_host()  # anything a cancelled start left half made
             await volume.stop()
             store.close()
 
@@ -157,6 +158,6 @@ def serve(data_dir: Path | None = None, listen: str | None = None,
     print(f"\nWisp API:  {api}\nToken:     {svc.token}\n"
           f"Try:       wisp create hello && wisp exec -s hello -- uname -a\n",
           flush=True)
-    uvicorn.run(app, host=host, port=port, ws="websockets", log_level="warning",
+    uvicorn.run(app, host=host, port=port, ws="websockets-sansio", log_level="warning",
                 ws_max_size=32 * 1024 * 1024, ws_ping_interval=20, ws_ping_timeout=60,
                 timeout_graceful_shutdown=10, lifespan="on")

@@ -75,6 +75,8 @@ class Sprites:
         self._locks: dict[str, asyncio.Lock] = {}
         self._live: dict[str, _Live] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        #: ext4 metadata (journal, inode tables) an empty disk already uses; not user data.
+        self.empty_disk_bytes = 0
 
     # -- paths ----------------------------------------------------------------------------
     def volume_dir(self, sprite_id: str) -> Path:
@@ -84,6 +86,9 @@ class Sprites:
         return self.volume_dir(sprite_id) / "disk.img"
 
     def checkpoint_image(self, sprite_id: str, cp_id: str) -> Path:
+        """Where checkpoint `cp_id` lives; v0, the empty disk, is the shared template."""
+        if cp_id == "v0":
+            return self.template
         return self.volume_dir(sprite_id) / "checkpoints" / f"{cp_id}.img"
 
     def disk_dir(self, sprite_id: str) -> Path:
@@ -95,6 +100,10 @@ class Sprites:
     @property
     def template(self) -> Path:
         return self.volume.path("templates", TEMPLATE)
+
+    def data_bytes(self, sprite_id: str) -> int:
+        """What the running sprite's disk holds beyond an empty disk: a checkpoint's cost."""
+        return max(0, disk.used_bytes(self.disk_dir(sprite_id)) - self.empty_disk_bytes)
 
     def lock(self, sprite_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sprite_id, asyncio.Lock())
@@ -180,7 +189,6 @@ class Sprites:
                     await self.volume.clone(self.template, self.disk_image(row.id))
                 else:
                     await self._clone_from(source[0], source[1], self.disk_image(row.id))
-                await self.volume.clone(self.template, self.checkpoint_image(row.id, "v0"))
                 self.store.insert_checkpoint(
                     CheckpointRow(sprite_id=row.id, id="v0", seq=0, comment="empty disk",
                                   create_time=stamp, source_id=None, history=[],
@@ -281,6 +289,10 @@ class Sprites:
         async with self.lock(row.id):
             return await self._start(self.row(name))
 
+    async def handle_locked(self, row: SpriteRow) -> SpriteHandle:
+        """`handle` for a caller that already holds the sprite's lock."""
+        return await self._start(row)
+
     async def _start(self, row: SpriteRow) -> SpriteHandle:
         live = self._live.get(row.id)
         if live is not None and pid_alive(live.init_pid):
@@ -353,6 +365,7 @@ class Sprites:
                     await run("umount", "-l", point, check=False)
         for dev in loop_devices_for(self.config.mount_point):
             await run("losetup", "-d", dev, check=False)
+        self.runtime.release_agent_root()
         self._live.clear()
 
     async def recover(self) -> None:
@@ -360,6 +373,12 @@ class Sprites:
         if not self.template.exists():
             self.template.parent.mkdir(parents=True, exist_ok=True)
             await disk.make_template(self.template)
+        baseline = self.template.with_suffix(".used")
+        if not baseline.exists():
+            probe = self.sprites_run / ".template-probe"
+            used = await disk.measure_used(self.template, probe)
+            baseline.write_text(str(used))
+        self.empty_disk_bytes = int(baseline.read_text())
         for row in self.store.all_sprites():
             if row.state in ("creating", "deleting"):
                 log.info("removing %s sprite %s left by a crash", row.state, row.name)

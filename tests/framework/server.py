@@ -107,8 +107,9 @@ class WispServer:
         self.port = free_port()
         self.start()
 
-    def api(self, method: str, path: str, **kw: object) -> httpx.Response:
-        return httpx.request(method, self.url + path, headers=self.headers,
+    def api(self, method: str, path: str, headers: dict[str, str] | None = None,
+            **kw: object) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers={**self.headers, **(headers or {})},
                              timeout=120, **kw)  # type: ignore[arg-type]
 
     def cleanup_host(self) -> None:

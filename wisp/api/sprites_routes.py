@@ -42,9 +42,12 @@ def _token(name: str) -> str:
 
 def _untoken(token: str) -> str:
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        name = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
-        raise BadRequest("continuation_token is not one this server issued") from None
+        name = ""
+    if not name:
+        raise BadRequest("continuation_token is not one this server issued")
+    return name
 
 
 def sprite_routes(svc: Services) -> list[BaseRoute]:
@@ -119,7 +122,7 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
 
     async def checkpoint_create(request: Request) -> Response:
         body = await json_body(request)
-        row = checkpoints.prepare_create(request.path_params["name"], body.get("comment"))
+        row = await checkpoints.prepare_create(request.path_params["name"], body.get("comment"))
         return ndjson(checkpoints.create(row, body.get("comment") or ""))
 
     async def checkpoint_list(request: Request) -> Response:

@@ -11,7 +11,8 @@ import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SpriteHandle", "Limits", "Runtime", "ROOT_UID_BASE", "SPRITE_UID", "SPRITE_HOME"]
+__all__ = ["SpriteHandle", "Limits", "Runtime", "ROOT_UID_BASE", "ID_RANGE", "SPRITE_UID",
+           "SPRITE_HOME"]
 
 #: Host uid that is root inside every sprite (user namespace mapping 0 -> 100000, 65536 ids).
 ROOT_UID_BASE = 100000

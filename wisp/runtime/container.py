@@ -9,6 +9,7 @@ nftables in it without touching the container spec.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -54,9 +55,14 @@ def build_init(target: Path | None = None) -> Path:
 class ContainerRuntime(Runtime):
     name = "container"
 
-    def __init__(self, runc_root: Path, run_dir: Path, init_binary: Path | None = None) -> None:
+    def __init__(self, runc_root: Path, run_dir: Path, init_binary: Path | None = None,
+                 agent_root: Path | None = None) -> None:
         self.runc_root = runc_root
         self.run_dir = run_dir
+        # Unix socket paths are limited to 108 bytes, so agent sockets live under a short
+        # host path (one per server, derived from its run dir) rather than the data dir.
+        digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
+        self.agent_root = agent_root or Path("/run/wisp") / digest
         self.init_binary = init_binary or init_binary_path()
 
     def _runc(self, *args: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
@@ -70,7 +76,7 @@ class ContainerRuntime(Runtime):
         return self.run_dir / sprite_id / "bundle"
 
     def agent_dir(self, sprite_id: str) -> Path:
-        return self.run_dir / sprite_id / "agent"
+        return self.agent_root / sprite_id.removeprefix("sprite-")
 
     def agent_socket(self, sprite_id: str) -> Path:
         return self.agent_dir(sprite_id) / "agent.sock"
@@ -102,8 +108,12 @@ class ContainerRuntime(Runtime):
         agent_dir.mkdir(parents=True, mode=0o700)
         os.chown(agent_dir, ROOT_UID_BASE, ROOT_UID_BASE)
         netns = await self._ensure_netns(sprite_id)
+        hosts = bundle / "hosts"
+        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                         f"127.0.1.1\t{hostname}\n")
+        hosts.chmod(0o644)
         spec = make_spec(hostname=hostname, rootfs=rootfs, init_binary=self.init_binary,
-                         agent_dir=agent_dir, netns=netns, cgroup_path=f"/wisp/{sprite_id}",
+                         agent_dir=agent_dir, hosts_file=hosts, netns=netns, cgroup_path=f"/wisp/{sprite_id}",
                          limits=limits)
         (bundle / "config.json").write_text(json.dumps(spec, indent=1))
         log = self.run_dir / sprite_id / "init.log"
@@ -161,8 +171,8 @@ class ContainerRuntime(Runtime):
         await self._delete(sprite_id)
         await self._remove_netns(sprite_id)
         sprite_run = self.run_dir / sprite_id
-        for sub in ("bundle", "agent"):
-            shutil.rmtree(sprite_run / sub, ignore_errors=True)
+        shutil.rmtree(sprite_run / "bundle", ignore_errors=True)
+        shutil.rmtree(self.agent_dir(sprite_id), ignore_errors=True)
 
     async def list_ids(self) -> list[str]:
         ids: set[str] = set()
@@ -170,6 +180,13 @@ class ContainerRuntime(Runtime):
             res = await run(*self._runc("list", "-q"), check=False, timeout=30)
             ids.update(line.strip() for line in res.stdout.decode().splitlines() if line.strip())
         return sorted(ids)
+
+    def release_agent_root(self) -> None:
+        """Remove this server's (empty) socket directory under /run/wisp."""
+        try:
+            self.agent_root.rmdir()
+        except OSError:
+            pass
 
     async def leftover_netns(self) -> list[str]:
         if not NETNS_DIR.exists():

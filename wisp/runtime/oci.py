@@ -53,7 +53,8 @@ def _seccomp() -> dict[str, Any]:
 
 
 def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path,
-              netns: Path, cgroup_path: str, limits: Limits) -> dict[str, Any]:
+              hosts_file: Path, netns: Path, cgroup_path: str,
+              limits: Limits) -> dict[str, Any]:
     """The config.json for one sprite; PID 1 is the Wisp init agent."""
     quota_period = 100_000
     return {
@@ -65,7 +66,6 @@ def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "cwd": "/",
             "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
             # sudo inside the sprite must work; root inside is unprivileged on the host.
             "noNewPrivileges": False,
         },
@@ -82,8 +82,13 @@ def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path
              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=262144k"]},
             {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
              "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "none", "source": "/sys",
-             "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
+            # A fresh sysfs needs a network namespace owned by the sprite's user namespace,
+            # and the host's /sys would show host devices: give an empty read-only /sys.
+            {"destination": "/sys", "type": "tmpfs", "source": "sysfs-empty",
+             "options": ["nosuid", "noexec", "nodev", "ro", "size=4k", "mode=555"]},
+            # Generated, so `sudo` and friends resolve the sprite's own hostname.
+            {"destination": "/etc/hosts", "type": "none", "source": str(hosts_file),
+             "options": ["bind", "ro", "nosuid", "nodev", "noexec"]},
             {"destination": "/.wisp/init", "type": "none", "source": str(init_binary),
              "options": ["bind", "ro", "nosuid", "nodev"]},
             {"destination": "/.wisp/run", "type": "none", "source": str(agent_dir),

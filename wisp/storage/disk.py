@@ -15,7 +15,7 @@ from wisp.runtime.base import ROOT_UID_BASE
 from wisp.system import is_mountpoint, loop_devices_for, mounts_under, run
 
 __all__ = ["DISK_SIZE", "make_template", "mount_disk", "unmount_disk", "freeze", "thaw", "sync",
-           "used_bytes"]
+           "used_bytes", "measure_used"]
 
 DISK_SIZE = "100G"
 
@@ -85,3 +85,15 @@ def used_bytes(disk_dir: Path) -> int:
     """Bytes the ext4 really holds: what a checkpoint of it costs against the quota."""
     st = os.statvfs(disk_dir)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+async def measure_used(image: Path, probe_dir: Path) -> int:
+    """Used bytes of an unmounted image (mounted read-only for a moment)."""
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    await run("mount", "-t", "ext4", "-o", "loop,ro,noload", image, probe_dir)
+    try:
+        return used_bytes(probe_dir)
+    finally:
+        await run("umount", probe_dir)
+        for dev in loop_devices_for(image):
+            await run("losetup", "-d", dev, check=False)

@@ -176,7 +176,7 @@ class Volume:
             run_sync("umount", "-l", self.mount_point, check=False)
 
     async def stop(self) -> None:
-        """Flush the writeback cache and unmount; the child then exits by itself."""
+        """Flush the writeback cache and unmount; then make sure the child is gone."""
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -185,18 +185,26 @@ class Volume:
             except (asyncio.CancelledError, Exception):
                 pass
             self._supervisor = None
+        proc = self._proc
+        if proc is not None and proc.returncode is None and not is_mountpoint(
+                self.mount_point, FSTYPE):
+            # a (re)mount was in flight when we were cancelled: let it land, then undo it
+            for _ in range(100):
+                if is_mountpoint(self.mount_point, FSTYPE) or proc.returncode is not None:
+                    break
+                await asyncio.sleep(0.05)
         if is_mountpoint(self.mount_point):
             res = await run(self.bin, "umount", "--flush", self.mount_point, check=False,
                             timeout=300)
             if res.returncode != 0:
                 log.warning("juicefs umount failed: %s", res.stderr.decode(errors="replace"))
                 await run("umount", "-l", self.mount_point, check=False)
-        if self._proc is not None and self._proc.returncode is None:
+        if proc is not None and proc.returncode is None:
             try:
-                await asyncio.wait_for(self._proc.wait(), 30)
+                await asyncio.wait_for(proc.wait(), 10)
             except asyncio.TimeoutError:
-                self._proc.send_signal(signal.SIGKILL)
-                await self._proc.wait()
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
         self._proc = None
         self._ready.clear()
 

@@ -1,0 +1,184 @@
+"""Durability: sprites, files and checkpoints survive a server stop, a SIGKILL, and a
+SIGKILL in the middle of a checkpoint or a restore; nothing half-made is left behind."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sprites import SpritesClient
+
+from tests.framework.leaks import leaks
+from tests.framework.server import WispServer
+
+
+@pytest.fixture
+def own_server(leak_check: Path, request) -> Iterator[WispServer]:  # type: ignore[no-untyped-def]
+    import re
+
+    srv = WispServer(leak_check / re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-40:])
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def sh(sprite, script: str) -> bytes:  # type: ignore[no-untyped-def]
+    return sprite.command("sh", "-c", script).output()
+
+
+def _client(srv: WispServer) -> SpritesClient:
+    return SpritesClient(srv.token, base_url=srv.url)
+
+
+def _volume_leftovers(srv: WispServer) -> list[str]:
+    vol = srv.data_dir / "mnt" / "sprites"
+    return sorted(str(p) for p in vol.rglob("*") if p.name.endswith((".in-progress", ".restoring")))
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_sprites_survive_restart(own_server: WispServer, how: str) -> None:
+    """After the server stops (gracefully or by SIGKILL) and starts again, every sprite is
+    listed, its files are intact, its checkpoints are there, and exec works."""
+    c = _client(own_server)
+    a, b = c.create_sprite("keep-a"), c.create_sprite("keep-b")
+    sh(a, "echo alpha > /home/sprite/f; head -c 5000000 /dev/urandom > /home/sprite/r; "
+          "md5sum /home/sprite/r > /home/sprite/r.md5")
+    sh(b, "echo beta > /home/sprite/f")
+    list(a.create_checkpoint("before restart"))
+    if how == "sigkill":
+        own_server.kill()
+        own_server.start()
+    else:
+        own_server.restart()
+    c = _client(own_server)
+    assert {s.name for s in c.list_sprites().sprites} >= {"keep-a", "keep-b"}
+    a, b = c.sprite("keep-a"), c.sprite("keep-b")
+    assert sh(a, "cat /home/sprite/f") == b"alpha\n"
+    assert b"OK" in sh(a, "cd /home/sprite && md5sum -c r.md5")
+    assert sh(b, "cat /home/sprite/f") == b"beta\n"
+    assert [cp.id for cp in a.list_checkpoints()] == ["v1", "v0"]
+    list(a.restore_checkpoint("v1"))
+    assert sh(a, "cat /home/sprite/f") == b"alpha\n"
+
+
+def _kill_mid_stream(srv: WispServer, path: str, after_lines: int = 1) -> list[str]:
+    """POST `path`, read `after_lines` NDJSON lines, then SIGKILL the server."""
+    lines: list[str] = []
+    with httpx.stream("POST", srv.url + path, headers=srv.headers, json={},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            lines.append(line)
+            if len(lines) >= after_lines:
+                srv.kill()
+                break
+    return lines
+
+
+def test_sigkill_during_checkpoint(own_server: WispServer) -> None:
+    """A checkpoint interrupted by SIGKILL is either complete and usable or absent; there
+    are no partial files, and the sprite's data and exec are fine after the restart."""
+    c = _client(own_server)
+    s = c.create_sprite("cpkill")
+    sh(s, "echo stable > /home/sprite/f; head -c 60000000 /dev/urandom > /home/sprite/big")
+    _kill_mid_stream(own_server, "/v1/sprites/cpkill/checkpoint")
+    own_server.start()
+    c = _client(own_server)
+    s = c.sprite("cpkill")
+    ids = [cp.id for cp in s.list_checkpoints()]
+    assert ids in (["v0"], ["v1", "v0"])
+    assert _volume_leftovers(own_server) == []
+    assert sh(s, "cat /home/sprite/f") == b"stable\n"
+    if "v1" in ids:
+        sh(s, "echo changed > /home/sprite/f")
+        list(s.restore_checkpoint("v1"))
+        assert sh(s, "cat /home/sprite/f") == b"stable\n"
+    assert list(s.create_checkpoint())[-1].type == "complete"
+
+
+def test_sigkill_during_restore(own_server: WispServer) -> None:
+    """A restore interrupted by SIGKILL leaves the old disk or the restored one, never a mix
+    or nothing; the checkpoint itself is not lost."""
+    c = _client(own_server)
+    s = c.create_sprite("rskill")
+    sh(s, "echo old > /home/sprite/f")
+    list(s.create_checkpoint())
+    sh(s, "echo new > /home/sprite/f; head -c 30000000 /dev/urandom > /home/sprite/big")
+    _kill_mid_stream(own_server, "/v1/sprites/rskill/checkpoints/v1/restore", after_lines=2)
+    own_server.start()
+    c = _client(own_server)
+    s = c.sprite("rskill")
+    assert sh(s, "cat /home/sprite/f") in (b"old\n", b"new\n")
+    assert _volume_leftovers(own_server) == []
+    assert [cp.id for cp in s.list_checkpoints()] == ["v1", "v0"]
+    list(s.restore_checkpoint("v1"))
+    assert sh(s, "cat /home/sprite/f") == b"old\n"
+
+
+def test_sigkill_during_create_leaves_nothing(own_server: WispServer) -> None:
+    """A create cut short by SIGKILL leaves either a whole sprite or none at all."""
+    import threading
+
+    def create() -> None:
+        try:
+            httpx.post(own_server.url + "/v1/sprites", headers=own_server.headers,
+                       json={"name": "halfmade"}, timeout=30)
+        except httpx.HTTPError:
+            pass
+
+    t = threading.Thread(target=create)
+    t.start()
+    time.sleep(0.03)
+    own_server.kill()
+    t.join()
+    own_server.start()
+    r = own_server.api("GET", "/v1/sprites/halfmade")
+    if r.status_code == 200:
+        assert _client(own_server).sprite("halfmade").command("echo", "ok").output() == b"ok\n"
+        assert own_server.api("DELETE", "/v1/sprites/halfmade").status_code == 204
+    else:
+        assert r.status_code == 404
+    vol = own_server.data_dir / "mnt" / "sprites"
+    left = list(vol.iterdir()) if vol.exists() else []
+    assert left == []
+
+
+def test_storage_crash_gives_503_then_recovers(own_server: WispServer) -> None:
+    """If the JuiceFS process dies, the server stops its sprites, answers 503 while the
+    volume is down, remounts it, and the sprite's files are intact afterwards."""
+    import os
+    import signal
+
+    c = _client(own_server)
+    s = c.create_sprite("jfs")
+    sh(s, "echo durable > /home/sprite/f; sync")
+    list(s.create_checkpoint())
+    jfs = [line for line in leaks(own_server.data_dir)["processes"] if "juicefs" in line
+           and " mount " in line]
+    assert jfs, "no juicefs mount process found"
+    old_pid = int(jfs[0].split(":")[0])
+    os.kill(old_pid, signal.SIGKILL)
+
+    def remounted() -> bool:
+        procs = leaks(own_server.data_dir)["processes"]
+        return any("juicefs" in p and " mount " in p and int(p.split(":")[0]) != old_pid
+                   for p in procs)
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = own_server.api("POST", "/v1/sprites/jfs/checkpoint", json={})
+        if r.status_code == 200 and remounted():
+            break
+        if r.status_code != 200:
+            assert r.status_code == 503, r.text
+            assert r.json()["error"] == "storage_unavailable"
+        time.sleep(0.2)
+    else:
+        pytest.fail("storage did not come back")
+    r = own_server.api("POST", "/v1/sprites/jfs/checkpoint", json={})
+    assert json.loads(r.text.strip().splitlines()[-1])["type"] == "complete"
+    assert sh(c.sprite("jfs"), "cat /home/sprite/f") == b"durable\n"

@@ -1,0 +1,238 @@
+"""`make bench`: latency and throughput of a real Wisp server, as a Markdown table.
+
+Measures p50/p95 over several samples for: create → first exec, exec round trip,
+checkpoint (idle, after 100 MB and after 1 GB written), restore, fork, delete, and disk
+write throughput inside a sprite versus raw JuiceFS on the same volume. In the same run it
+measures a naive baseline (checkpoint = copy the overlay upper directory, restore = copy it
+back) and reports Wisp's speed-up over it. Asserts nothing: numbers are for comparing runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import websockets.sync.client as ws_client
+
+from tests.framework.server import WispServer
+
+SAMPLES = int(os.environ.get("WISP_BENCH_SAMPLES", "10"))
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
+    return ordered[k]
+
+
+class Bench:
+    def __init__(self, srv: WispServer) -> None:
+        self.srv = srv
+        self.http = httpx.Client(base_url=srv.url, headers=srv.headers, timeout=600)
+        self.rows: list[tuple[str, list[float], str]] = []
+        self.counter = 0
+
+    def name(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}-{self.counter}"
+
+    def exec(self, sprite: str, *cmd: str) -> bytes:
+        """One exec over the WebSocket (non-TTY framing), returning stdout."""
+        query = "&".join([f"cmd={c}" for c in cmd] + ["stdin=false"])
+        url = self.srv.url.replace("http", "ws") + f"/v1/sprites/{sprite}/exec?{query}"
+        out = b""
+        with ws_client.connect(url, additional_headers=self.srv.headers,
+                               max_size=None) as ws:
+            while True:
+                msg = ws.recv()
+                if isinstance(msg, str):
+                    continue
+                if msg[:1] == b"\x01":
+                    out += msg[1:]
+                elif msg[:1] == b"\x03":
+                    if msg[1:2] not in (b"", b"\x00"):
+                        raise RuntimeError(f"{cmd} exited {msg[1]}")
+                    return out
+
+    def sh(self, sprite: str, script: str) -> bytes:
+        from urllib.parse import quote
+
+        return self.exec(sprite, "sh", "-c", quote(script, safe=""))
+
+    def create(self, name: str) -> None:
+        r = self.http.post("/v1/sprites", json={"name": name})
+        r.raise_for_status()
+
+    def delete(self, name: str) -> None:
+        self.http.delete(f"/v1/sprites/{name}").raise_for_status()
+
+    def checkpoint(self, name: str) -> str:
+        r = self.http.post(f"/v1/sprites/{name}/checkpoint", json={})
+        last = json.loads(r.text.strip().splitlines()[-1])
+        if last["type"] != "complete":
+            raise RuntimeError(last)
+        return str(last["id"])
+
+    def restore(self, name: str, cp: str) -> None:
+        r = self.http.post(f"/v1/sprites/{name}/checkpoints/{cp}/restore")
+        last = json.loads(r.text.strip().splitlines()[-1])
+        if last["type"] != "complete":
+            raise RuntimeError(last)
+
+    def timed(self, fn: Callable[[], object]) -> float:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1000
+
+    def record(self, label: str, values: list[float], unit: str = "ms") -> None:
+        self.rows.append((label, values, unit))
+        print(f"  {label}: p50 {statistics.median(values):.1f} {unit}", file=sys.stderr,
+              flush=True)
+
+    def sprite_id(self, name: str) -> str:
+        return str(self.http.get(f"/v1/sprites/{name}").json()["id"])
+
+    def upper(self, name: str) -> Path:
+        return self.srv.data_dir / "run" / "sprites" / self.sprite_id(name) / "disk" / "upper"
+
+
+def run(bench: Bench) -> dict[str, float]:
+    b = bench
+    # create -> first exec (the sprite starts on demand or in the background after create)
+    samples, names = [], []
+    for _ in range(SAMPLES):
+        n = b.name("c")
+        names.append(n)
+        samples.append(b.timed(lambda: (b.create(n), b.exec(n, "true"))))
+    b.record("create → first exec", samples)
+
+    target = names[0]
+    samples = [b.timed(lambda: b.exec(target, "true")) for _ in range(SAMPLES * 3)]
+    b.record("exec round trip (`true`)", samples)
+
+    samples = [b.timed(lambda: b.checkpoint(target)) for _ in range(SAMPLES)]
+    b.record("checkpoint, idle", samples)
+
+    after100 = []
+    for _ in range(SAMPLES):
+        b.sh(target, "head -c 100000000 /dev/urandom > /home/sprite/f100")
+        after100.append(b.timed(lambda: b.checkpoint(target)))
+    b.record("checkpoint after 100 MB written", after100)
+
+    after1g = []
+    for _ in range(max(3, SAMPLES // 3)):
+        b.sh(target, "head -c 1000000000 /dev/zero | tr '\\0' x > /home/sprite/f1g")
+        after1g.append(b.timed(lambda: b.checkpoint(target)))
+    b.record("checkpoint after 1 GB written", after1g)
+    b.sh(target, "rm -f /home/sprite/f1g")
+
+    cp = b.checkpoint(target)
+    restores = [b.timed(lambda: b.restore(target, cp)) for _ in range(SAMPLES)]
+    b.record("restore (100 MB on disk)", restores)
+
+    forks = []
+    for i in range(SAMPLES):
+        n = f"{target}-fork{i}"
+        forks.append(b.timed(lambda: b.http.post(f"/v1/sprites/{target}/fork",
+                                                 json={"name": n}).raise_for_status()))
+        names.append(n)
+    b.record("fork (live state)", forks)
+
+    deletes = [b.timed(lambda n=n: b.delete(n)) for n in names[1:]]
+    b.record("delete", deletes)
+
+    # disk write throughput inside a sprite vs raw JuiceFS on the same volume (1 GB, fsync)
+    size_mb = 1000
+    inside = []
+    for _ in range(3):
+        t = time.perf_counter()
+        b.sh(target, f"dd if=/dev/zero of=/home/sprite/tp bs=1M count={size_mb} conv=fsync "
+                     "2>/dev/null; rm /home/sprite/tp")
+        inside.append(size_mb / (time.perf_counter() - t))
+    b.record("write throughput inside sprite", inside, "MB/s")
+    raw_dir = b.srv.data_dir / "mnt" / "bench-raw"
+    raw_dir.mkdir(exist_ok=True)
+    raw = []
+    for _ in range(3):
+        t = time.perf_counter()
+        subprocess.run(["dd", "if=/dev/zero", f"of={raw_dir}/tp", "bs=1M", f"count={size_mb}",
+                        "conv=fsync"], check=True, capture_output=True)
+        raw.append(size_mb / (time.perf_counter() - t))
+        (raw_dir / "tp").unlink()
+    b.record("write throughput raw JuiceFS", raw, "MB/s")
+
+    # naive baseline on the same 100 MB state: copy the upper dir out and back
+    upper = b.upper(target)
+    store = b.srv.data_dir / "mnt" / "bench-naive"
+    naive_cp, naive_rs = [], []
+    for i in range(max(3, SAMPLES // 2)):
+        dst = store / str(i)
+
+        def checkpoint_naive() -> None:
+            dst.mkdir(parents=True)
+            subprocess.run(["cp", "-a", f"{upper}/.", str(dst)], check=True)
+            subprocess.run(["sync", "-f", str(dst)], check=True)
+
+        def restore_naive() -> None:
+            for child in upper.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            subprocess.run(["cp", "-a", f"{dst}/.", str(upper)], check=True)
+        naive_cp.append(b.timed(checkpoint_naive))
+        naive_rs.append(b.timed(restore_naive))
+    b.record("naive checkpoint (cp -a upper)", naive_cp)
+    b.record("naive restore (cp -a back)", naive_rs)
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    b.delete(target)
+    return {
+        "checkpoint_speedup": statistics.median(naive_cp) / statistics.median(after100),
+        "restore_speedup": statistics.median(naive_rs) / statistics.median(restores),
+    }
+
+
+def host_facts() -> str:
+    cgroup = "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1 (hybrid)"
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (f"kernel {platform.release()}, {os.cpu_count()} CPUs ({cpu}), cgroup {cgroup}, "
+            f"runtime: runc container, samples: {SAMPLES}")
+
+
+def main() -> None:
+    base = Path(os.environ.get("WISP_BENCH_DIR", "/var/tmp/wisp-bench"))
+    if base.exists():
+        shutil.rmtree(base)
+    srv = WispServer(base / "data")
+    srv.start()
+    try:
+        bench = Bench(srv)
+        speedups = run(bench)
+    finally:
+        srv.stop()
+    print(f"\nHost: {host_facts()}\n")
+    print("| metric | p50 | p95 | unit |\n|---|---|---|---|")
+    for label, values, unit in bench.rows:
+        print(f"| {label} | {statistics.median(values):.1f} | {pct(values, 0.95):.1f} | {unit} |")
+    print(f"\nWisp vs naive copy baseline (p50 ratio, 100 MB written): checkpoint "
+          f"{speedups['checkpoint_speedup']:.1f}x faster, restore "
+          f"{speedups['restore_speedup']:.1f}x faster")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
