@@ -158,6 +158,11 @@ def serve(data_dir: Path | None = None, listen: str | None = None,
     print(f"\nWisp API:  {api}\nToken:     {svc.token}\n"
           f"Try:       wisp create hello && wisp exec -s hello -- uname -a\n",
           flush=True)
-    uvicorn.run(app, host=host, port=port, ws="websockets-sansio", log_level="warning",
+    # The websockets backend awaits each send, which exec's backpressure relies on; its
+    # deprecation notice is about a future default, not a behaviour we depend on changing.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*websockets. implementation is deprecated")
+    uvicorn.run(app, host=host, port=port, ws="websockets", log_level="warning",
                 ws_max_size=32 * 1024 * 1024, ws_ping_interval=20, ws_ping_timeout=60,
                 timeout_graceful_shutdown=10, lifespan="on")

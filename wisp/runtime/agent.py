@@ -1,0 +1,437 @@
+"""Asyncio client of the in-sprite init agent (`wisp/runtime/init/wisp-init.c`).
+
+One SOCK_SEQPACKET connection per process: the request (argv, env, cwd, ids, tty) goes out
+as one packet of NUL-terminated `key=value` strings, with the child's three stdio fds
+attached for a non-TTY spawn. The agent answers `pid N` (carrying the PTY master for a TTY
+spawn), later `exit N`. Closing the connection detaches the process; it keeps running.
+
+The host keeps the other ends of the pipes (or the PTY master) and reads them itself, so
+the caller decides how fast output is consumed: nothing here reads ahead, which is what
+lets a slow WebSocket client hold back a fast producer.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import fcntl
+import os
+import socket
+import struct
+import termios
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from wisp.errors import BadRequest, SystemError_
+
+__all__ = [
+    "AgentProcess",
+    "FdReader",
+    "FdWriter",
+    "MAX_REQUEST",
+    "AGENT_LOST_EXIT",
+    "wait_ready",
+    "spawn",
+]
+
+#: The agent refuses bigger requests (argv + env); checked here first for a clear error.
+MAX_REQUEST = 1 << 20
+#: Exit status reported when the agent connection drops before an exit (the sprite stopped).
+AGENT_LOST_EXIT = 137
+_SPAWN_TIMEOUT = 10.0
+
+
+class _Waiter:
+    """Waits for readiness of one fd; at most one waiter per fd and direction.
+
+    `forget()` must run before the fd is closed: it drops the loop registration at once,
+    so a cancelled wait cannot later unregister an unrelated fd that reused the number, and
+    it wakes a pending wait so that a writer blocked on a full pipe sees the close.
+    """
+
+    def __init__(self, fd: int, write: bool) -> None:
+        self.fd = fd
+        self.write = write
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fut: asyncio.Future[None] | None = None
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._fut = fut
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if self.write:
+            loop.add_writer(self.fd, ready)
+        else:
+            loop.add_reader(self.fd, ready)
+        self._loop = loop
+        try:
+            await fut
+        finally:
+            self.forget()
+
+    def forget(self) -> None:
+        """Drop the registration; a wait in progress returns (the caller re-checks state)."""
+        fut, self._fut = self._fut, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        loop, self._loop = self._loop, None
+        if loop is None or loop.is_closed():
+            return
+        if self.write:
+            loop.remove_writer(self.fd)
+        else:
+            loop.remove_reader(self.fd)
+
+
+class FdReader:
+    """Reads a pipe or PTY master on demand; `b""` means EOF (EIO on a PTY counts as EOF)."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self._waiter = _Waiter(fd, write=False)
+        self.closed = False
+
+    def read_nowait(self, n: int) -> bytes | None:
+        """Whatever is there now (at most n bytes), b"" at EOF, None if nothing yet."""
+        if self.closed:
+            return b""
+        try:
+            return os.read(self.fd, n)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno == errno.EIO:
+                return b""
+            raise
+
+    async def wait_readable(self) -> None:
+        if self.closed:
+            return
+        await self._waiter.wait()
+
+    async def read(self, n: int) -> bytes:
+        while True:
+            data = self.read_nowait(n)
+            if data is not None:
+                return data
+            await self.wait_readable()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._waiter.forget()
+            os.close(self.fd)
+
+
+class FdWriter:
+    """Writes to a pipe or PTY master without blocking the loop; waits while it is full."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self._waiter = _Waiter(fd, write=True)
+        self.closed = False
+        self._lock = asyncio.Lock()
+
+    async def write(self, data: bytes) -> None:
+        """Write all of data; silently drops it once the reader is gone (EPIPE/EIO)."""
+        view = memoryview(data)
+        async with self._lock:
+            while view and not self.closed:
+                try:
+                    n = os.write(self.fd, view)
+                except BlockingIOError:
+                    await self._waiter.wait()
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.EPIPE, errno.EIO, errno.EBADF):
+                        self.close()
+                        return
+                    raise
+                view = view[n:]
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._waiter.forget()
+            os.close(self.fd)
+
+
+class AgentProcess:
+    """A process started by the agent.
+
+    `stdout` reads the stdout pipe, or the PTY master (stdout and stderr merged) for a TTY
+    process; `stderr` is None for a TTY process. `write`/`close_stdin` feed stdin (the PTY
+    for a TTY process); `close()` detaches: every host fd is closed and the process runs on.
+    """
+
+    def __init__(self, sock: socket.socket, pid: int, tty: bool, stdout: FdReader,
+                 stderr: FdReader | None, stdin: FdWriter | None, master: int | None) -> None:
+        self.pid = pid
+        self.tty = tty
+        self.stdout = stdout
+        self.stderr = stderr
+        self._stdin = stdin
+        self._master = master
+        self._sock = sock
+        self._rwait = _Waiter(sock.fileno(), write=False)
+        self._wwait = _Waiter(sock.fileno(), write=True)
+        self.returncode: int | None = None
+        self._exited = asyncio.Event()
+        self._monitor = asyncio.create_task(self._watch())
+        self._closed = False
+
+    async def _watch(self) -> None:
+        """Waits for `exit N`; a connection lost before it means the sprite went away."""
+        code = AGENT_LOST_EXIT
+        try:
+            while True:
+                data, fds = await _recv(self._sock, self._rwait)
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    break
+                if data.startswith(b"exit "):
+                    code = int(data[5:])
+                    break
+        except (OSError, ValueError):
+            pass
+        self.returncode = code
+        self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    @property
+    def exited(self) -> asyncio.Event:
+        return self._exited
+
+    async def write(self, data: bytes) -> None:
+        if self._stdin is not None and data:
+            await self._stdin.write(data)
+
+    def close_stdin(self) -> None:
+        """EOF for a pipe; a no-op for a TTY, whose input ends only with the process."""
+        if self._stdin is not None and not self.tty:
+            self._stdin.close()
+
+    @property
+    def stdin_open(self) -> bool:
+        return self._stdin is not None and not self._stdin.closed
+
+    async def signal(self, signum: int) -> None:
+        """Signal the process group (the agent made the process a session leader)."""
+        if self.returncode is not None or self._closed:
+            return
+        try:
+            await _send(self._sock, b"signal %d" % signum, waiter=self._wwait)
+        except OSError:
+            pass
+
+    def resize(self, rows: int, cols: int) -> None:
+        """TIOCSWINSZ on the master; the kernel sends SIGWINCH to the foreground group."""
+        if self._master is None or self._closed:
+            return
+        fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._monitor.cancel()
+        for f in (self.stdout, self.stderr, self._stdin):
+            if f is not None:
+                f.close()
+        if self._master is not None:
+            os.close(self._master)
+        self._rwait.forget()
+        self._wwait.forget()
+        self._sock.close()
+
+
+async def _recv(sock: socket.socket, waiter: _Waiter | None = None) -> tuple[bytes, list[int]]:
+    """One packet and any fds it carries."""
+    waiter = waiter or _Waiter(sock.fileno(), write=False)
+    while True:
+        try:
+            data, anc, _flags, _addr = sock.recvmsg(
+                4096, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            await waiter.wait()
+            continue
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        return data, fds
+
+
+async def _send(sock: socket.socket, data: bytes, fds: Sequence[int] = (),
+                waiter: _Waiter | None = None) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    waiter = waiter or _Waiter(sock.fileno(), write=True)
+    while True:
+        try:
+            sock.sendmsg([data], anc)
+            return
+        except BlockingIOError:
+            await waiter.wait()
+
+
+async def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, os.fspath(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def wait_ready(sock: Path, timeout: float) -> None:
+    """Return once the agent accepts connections; raise `SystemError_` after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: OSError | None = None
+    while True:
+        try:
+            s = await _connect(sock)
+        except OSError as e:
+            last = e
+        else:
+            s.close()
+            return
+        if loop.time() >= deadline:
+            raise SystemError_(f"init agent at {sock} not ready after {timeout:.1f}s: {last}")
+        await asyncio.sleep(0.005)
+
+
+def _encode_request(argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: int, gid: int,
+                    groups: Sequence[int], tty: bool, rows: int, cols: int,
+                    path: str | None) -> bytes:
+    fields = [b"spawn"]
+    if path:
+        fields.append(b"path=" + os.fsencode(path))
+    fields += [b"arg=" + os.fsencode(a) for a in argv]
+    fields += [b"env=" + os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    fields += [
+        b"cwd=" + os.fsencode(cwd),
+        b"uid=%d" % uid,
+        b"gid=%d" % gid,
+        b"groups=" + ",".join(str(g) for g in groups).encode(),
+        b"tty=%d" % int(tty),
+        b"rows=%d" % rows,
+        b"cols=%d" % cols,
+    ]
+    for f in fields:
+        if b"\0" in f:
+            raise BadRequest("argv, env and dir must not contain NUL bytes")
+    for k in env:
+        if not k or "=" in k:
+            raise BadRequest(f"invalid environment variable name {k!r}")
+    if not argv:
+        raise BadRequest("empty command")
+    if not (1 <= rows <= 65535 and 1 <= cols <= 65535):
+        raise BadRequest("rows and cols must be between 1 and 65535")
+    return b"\0".join(fields) + b"\0"
+
+
+async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: int,
+                gid: int, groups: Sequence[int], tty: bool, rows: int = 24, cols: int = 80,
+                stdin: bool = True, path: str | None = None) -> AgentProcess:
+    """Start argv in the sprite whose agent listens on `sock`.
+
+    `env` is the whole environment (PATH in it is used to find argv[0], or `path` when
+    given). `stdin=False` gives the child /dev/null. Raises `BadRequest` for a request the
+    agent cannot take, `SystemError_` when the agent is unreachable or refuses.
+    """
+    request = _encode_request(argv, env, cwd, uid, gid, groups, tty, rows, cols, path)
+    if len(request) > MAX_REQUEST:
+        raise BadRequest(f"command and environment too large ({len(request)} bytes)")
+    try:
+        conn = await asyncio.wait_for(_connect(sock), _SPAWN_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise SystemError_(f"cannot reach the init agent at {sock}: {e}") from None
+    if len(request) > 200_000:
+        # A packet must fit the send buffer; root may raise it past wmem_max.
+        for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, opt, len(request) + 65536)
+                break
+            except OSError:
+                continue
+    mine: list[int] = []   # host ends we keep
+    theirs: list[int] = []  # child ends, closed once sent
+    try:
+        if not tty:
+            if stdin:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                theirs.append(r)
+                mine.append(w)
+            else:
+                theirs.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            for _ in range(2):
+                r, w = os.pipe2(os.O_CLOEXEC)
+                mine.append(r)
+                theirs.append(w)
+        try:
+            await asyncio.wait_for(_send(conn, request, theirs), _SPAWN_TIMEOUT)
+            reply, fds = await asyncio.wait_for(_recv(conn), _SPAWN_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise SystemError_("init agent did not answer the spawn request") from None
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                raise BadRequest("command and environment too large") from None
+            raise SystemError_(f"init agent spawn failed: {e}") from None
+        finally:
+            for fd in theirs:
+                os.close(fd)
+            theirs.clear()
+        if not reply.startswith(b"pid "):
+            for fd in fds:
+                os.close(fd)
+            msg = reply[6:].decode(errors="replace") if reply.startswith(b"error ") else (
+                "connection closed" if not reply else repr(reply[:100]))
+            raise SystemError_(f"init agent refused the spawn: {msg}")
+        try:
+            pid = int(reply[4:])
+        except ValueError:
+            for fd in fds:
+                os.close(fd)
+            raise SystemError_(f"init agent sent a bad reply: {reply[:100]!r}") from None
+        if tty:
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise SystemError_("init agent sent no PTY master")
+            master = fds[0]
+            mine.append(master)
+            reader = FdReader(os.dup(master))
+            mine.append(reader.fd)
+            writer = FdWriter(os.dup(master))
+            return AgentProcess(conn, pid, True, reader, None, writer, master)
+        for fd in fds:
+            os.close(fd)
+        writer_ = FdWriter(mine[0]) if stdin else None
+        return AgentProcess(conn, pid, False, FdReader(mine[-2]), FdReader(mine[-1]),
+                            writer_, None)
+    except BaseException:
+        for fd in mine + theirs:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        conn.close()
+        raise

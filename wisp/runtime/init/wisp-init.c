@@ -1,0 +1,708 @@
+/*
+ * wisp-init: PID 1 of every sprite, and the agent that starts processes in it.
+ *
+ * Why this exists: `runc exec` costs 30-40 ms per command and cannot hand out a PTY while
+ * staying in the foreground. The host server instead connects to this agent's unix socket
+ * (`/.wisp/run/agent.sock` inside, `<run dir>/agent.sock` on the host) and asks it to fork
+ * the command: a few milliseconds, a real PTY from the sprite's own devpts, and the exit
+ * status.
+ *
+ * Build: gcc -static -O2 -Wall -Wextra -o build/wisp-init wisp/runtime/init/wisp-init.c
+ * Usage: wisp-init [SOCKET_PATH]      (default /.wisp/run/agent.sock)
+ *
+ * Protocol (SOCK_SEQPACKET, one connection per process, every message one packet):
+ *
+ *   server -> agent   request: NUL-terminated strings, the first is "spawn", then
+ *                     "path=P" (optional, default argv[0]), "arg=A" (repeated, argv),
+ *                     "env=K=V" (repeated, the whole environment), "cwd=D", "uid=N",
+ *                     "gid=N", "groups=N,N,..", "tty=0|1", "rows=N", "cols=N".
+ *                     Non-TTY: exactly three fds (stdin, stdout, stderr) via SCM_RIGHTS.
+ *                     TTY: no fds.
+ *   agent -> server   "pid N"   (TTY: with the PTY master fd via SCM_RIGHTS)
+ *                     "error MESSAGE"   (request refused; the connection is closed)
+ *                     "exit N"  (N = exit code, or 128+signal; the connection is closed)
+ *   server -> agent   "signal N" (to the process group of the command)
+ *
+ * If the server closes the connection, the process keeps running, detached. Spawn
+ * failures after the fork (bad cwd, command not found) are reported the way a shell
+ * reports them: a message on the child's stderr and exit 127 / 126 / 1.
+ *
+ * PID 1 duties: reap every child, orphans included; on SIGTERM (or SIGINT) send SIGTERM
+ * to every process, wait up to 2 s, SIGKILL what is left, exit.
+ *
+ * The agent is single-threaded (one poll() loop) and must survive any input: every
+ * length is checked, requests over 1 MiB are refused, and unexpected fds are closed.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER _IO('T', 0x41)
+#endif
+
+#define DEFAULT_SOCK "/.wisp/run/agent.sock"
+#define MAX_REQUEST (1 << 20)
+#define MAX_CONNS 1024
+#define MAX_GROUPS 1024
+#define MAX_FDS 8
+#define TERM_GRACE_MS 2000
+#define KILL_GRACE_MS 2000
+
+enum conn_state { C_FREE = 0, C_WAIT_REQUEST, C_RUNNING };
+
+struct conn {
+    int fd;
+    enum conn_state state;
+    pid_t pid;
+};
+
+static struct conn conns[MAX_CONNS];
+static struct pollfd pfds[MAX_CONNS + 2];
+static int pfd_conn[MAX_CONNS + 2];
+/* One request buffer: the loop is single-threaded and a request is consumed at once. */
+static char reqbuf[MAX_REQUEST + 1];
+
+extern char **environ;
+
+static void logmsg(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    dprintf(2, "wisp-init: ");
+    vdprintf(2, fmt, ap);
+    dprintf(2, "\n");
+    va_end(ap);
+}
+
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Send one packet, optionally carrying one fd. Never blocks, never raises SIGPIPE. */
+static int send_packet(int sock, const char *data, size_t len, int fd)
+{
+    struct iovec iov = { .iov_base = (void *)data, .iov_len = len };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    if (fd >= 0) {
+        memset(&u, 0, sizeof(u));
+        msg.msg_control = u.buf;
+        msg.msg_controllen = sizeof(u.buf);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    ssize_t n;
+    do {
+        n = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+static void send_text(int sock, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n >= sizeof(buf))
+        n = sizeof(buf) - 1;
+    send_packet(sock, buf, (size_t)n, -1);
+}
+
+static void close_conn(struct conn *c)
+{
+    if (c->state != C_FREE) {
+        close(c->fd);
+        c->fd = -1;
+        c->pid = 0;
+        c->state = C_FREE;
+    }
+}
+
+static void close_fds(int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+}
+
+/* Parse a decimal number in [min, max]; returns 0 on success. */
+static int parse_num(const char *s, long long min, long long max, long long *out)
+{
+    if (*s == '\0')
+        return -1;
+    errno = 0;
+    char *end;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end != '\0' || v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+struct request {
+    const char *path;
+    char **argv;
+    char **envp;
+    const char *cwd;
+    uid_t uid;
+    gid_t gid;
+    gid_t groups[MAX_GROUPS];
+    int ngroups;
+    int tty;
+    unsigned short rows, cols;
+};
+
+static int parse_groups(const char *s, struct request *r)
+{
+    r->ngroups = 0;
+    if (*s == '\0')
+        return 0;
+    char tmp[24];
+    while (*s) {
+        const char *comma = strchr(s, ',');
+        size_t len = comma ? (size_t)(comma - s) : strlen(s);
+        long long v;
+        if (len == 0 || len >= sizeof(tmp) || r->ngroups >= MAX_GROUPS)
+            return -1;
+        memcpy(tmp, s, len);
+        tmp[len] = '\0';
+        if (parse_num(tmp, 0, 0xfffffffeLL, &v))
+            return -1;
+        r->groups[r->ngroups++] = (gid_t)v;
+        s += len;
+        if (*s == ',')
+            s++;
+    }
+    return 0;
+}
+
+/*
+ * Parse buf[0..len) into r. argv/envp point into buf and are malloc'ed arrays the caller
+ * frees. Returns NULL on success or a static error message.
+ */
+static const char *parse_request(char *buf, size_t len, struct request *r)
+{
+    memset(r, 0, sizeof(*r));
+    r->rows = 24;
+    r->cols = 80;
+    r->uid = (uid_t)-1;
+    r->gid = (gid_t)-1;
+    if (len == 0 || buf[len - 1] != '\0')
+        return "request is not NUL-terminated";
+    size_t nargs = 0, nenv = 0;
+    for (char *p = buf; p < buf + len; p += strlen(p) + 1) {
+        if (!strncmp(p, "arg=", 4))
+            nargs++;
+        else if (!strncmp(p, "env=", 4))
+            nenv++;
+    }
+    if (strcmp(buf, "spawn") != 0)
+        return "unknown request";
+    if (nargs == 0)
+        return "empty argv";
+    r->argv = calloc(nargs + 1, sizeof(char *));
+    r->envp = calloc(nenv + 1, sizeof(char *));
+    if (!r->argv || !r->envp)
+        return "out of memory";
+    size_t ai = 0, ei = 0;
+    int have_uid = 0, have_gid = 0;
+    for (char *p = buf + strlen(buf) + 1; p < buf + len; p += strlen(p) + 1) {
+        char *eq = strchr(p, '=');
+        if (!eq)
+            return "malformed field";
+        size_t klen = (size_t)(eq - p);
+        const char *v = eq + 1;
+        long long n;
+#define KEY(k) (klen == sizeof(k) - 1 && !strncmp(p, k, klen))
+        if (KEY("arg")) {
+            r->argv[ai++] = (char *)v;
+        } else if (KEY("env")) {
+            if (!strchr(v, '='))
+                return "malformed env entry";
+            r->envp[ei++] = (char *)v;
+        } else if (KEY("path")) {
+            r->path = v;
+        } else if (KEY("cwd")) {
+            r->cwd = v;
+        } else if (KEY("uid")) {
+            if (parse_num(v, 0, 0xfffffffeLL, &n))
+                return "bad uid";
+            r->uid = (uid_t)n;
+            have_uid = 1;
+        } else if (KEY("gid")) {
+            if (parse_num(v, 0, 0xfffffffeLL, &n))
+                return "bad gid";
+            r->gid = (gid_t)n;
+            have_gid = 1;
+        } else if (KEY("groups")) {
+            if (parse_groups(v, r))
+                return "bad groups";
+        } else if (KEY("tty")) {
+            if (parse_num(v, 0, 1, &n))
+                return "bad tty";
+            r->tty = (int)n;
+        } else if (KEY("rows")) {
+            if (parse_num(v, 1, 65535, &n))
+                return "bad rows";
+            r->rows = (unsigned short)n;
+        } else if (KEY("cols")) {
+            if (parse_num(v, 1, 65535, &n))
+                return "bad cols";
+            r->cols = (unsigned short)n;
+        } else {
+            return "unknown field";
+        }
+#undef KEY
+    }
+    if (!have_uid || !have_gid)
+        return "uid and gid are required";
+    if (!r->path || !*r->path)
+        r->path = r->argv[0];
+    if (!*r->path)
+        return "empty program name";
+    if (!r->cwd || !*r->cwd)
+        r->cwd = "/";
+    return NULL;
+}
+
+/* Runs in the forked child; never returns. */
+static void child_exec(struct request *r, int in, int out, int err, int slave)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    for (int s = 1; s < NSIG; s++)
+        signal(s, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    setsid();
+    if (slave >= 0) {
+        ioctl(slave, TIOCSCTTY, 0);
+        /* The user may reopen its terminal by name (`tty`, ssh, sudo). */
+        if (fchown(slave, r->uid, (gid_t)-1) == 0)
+            fchmod(slave, 0620);
+        in = out = err = slave;
+    }
+    int src[3] = { in, out, err };
+    for (int i = 0; i < 3; i++) {
+        if (src[i] == i) {
+            fcntl(i, F_SETFD, 0);
+        } else if (dup2(src[i], i) < 0) {
+            _exit(1);
+        }
+    }
+    umask(022);
+    if (setgroups((size_t)r->ngroups, r->groups) < 0 && r->uid != 0) {
+        dprintf(2, "wisp: setgroups: %s\n", strerror(errno));
+        _exit(1);
+    }
+    if (setgid(r->gid) < 0) {
+        dprintf(2, "wisp: setgid %u: %s\n", (unsigned)r->gid, strerror(errno));
+        _exit(1);
+    }
+    if (setuid(r->uid) < 0) {
+        dprintf(2, "wisp: setuid %u: %s\n", (unsigned)r->uid, strerror(errno));
+        _exit(1);
+    }
+    if (chdir(r->cwd) < 0) {
+        dprintf(2, "wisp: cd: %s: %s\n", r->cwd, strerror(errno));
+        _exit(1);
+    }
+    /* execvpe searches the PATH of the current environment: make it the request's. */
+    environ = r->envp;
+    execvpe(r->path, r->argv, r->envp);
+    int e = errno;
+    if (e == ENOENT || e == ENOTDIR) {
+        if (strchr(r->path, '/'))
+            dprintf(2, "wisp: %s: %s\n", r->path, strerror(e));
+        else
+            dprintf(2, "wisp: %s: command not found\n", r->path);
+        _exit(127);
+    }
+    dprintf(2, "wisp: %s: %s\n", r->path, strerror(e));
+    _exit(126);
+}
+
+static int open_pty(unsigned short rows, unsigned short cols, int *master_out, int *slave_out)
+{
+    int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0)
+        return -1;
+    int unlock = 0;
+    if (ioctl(master, TIOCSPTLCK, &unlock) < 0)
+        goto fail;
+    struct winsize ws = { .ws_row = rows, .ws_col = cols };
+    if (ioctl(master, TIOCSWINSZ, &ws) < 0)
+        goto fail;
+    int slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (slave < 0) {
+        unsigned int n;
+        char name[64];
+        if (ioctl(master, TIOCGPTN, &n) < 0)
+            goto fail;
+        snprintf(name, sizeof(name), "/dev/pts/%u", n);
+        slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (slave < 0)
+            goto fail;
+    }
+    *master_out = master;
+    *slave_out = slave;
+    return 0;
+fail:;
+    int e = errno;
+    close(master);
+    errno = e;
+    return -1;
+}
+
+static void handle_request(struct conn *c, char *buf, size_t len, int *fds, int nfds)
+{
+    struct request r;
+    const char *err = parse_request(buf, len, &r);
+    if (!err && !r.tty && nfds != 3)
+        err = "non-TTY spawn needs exactly 3 fds";
+    if (!err && r.tty && nfds != 0)
+        err = "TTY spawn takes no fds";
+    if (err) {
+        send_text(c->fd, "error %s", err);
+        close_fds(fds, nfds);
+        free(r.argv);
+        free(r.envp);
+        close_conn(c);
+        return;
+    }
+    int master = -1, slave = -1;
+    if (r.tty && open_pty(r.rows, r.cols, &master, &slave) < 0) {
+        send_text(c->fd, "error pty: %s", strerror(errno));
+        free(r.argv);
+        free(r.envp);
+        close_conn(c);
+        return;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (r.tty)
+            child_exec(&r, -1, -1, -1, slave);
+        child_exec(&r, fds[0], fds[1], fds[2], -1);
+    }
+    int fork_errno = errno;
+    free(r.argv);
+    free(r.envp);
+    close_fds(fds, nfds);
+    if (slave >= 0)
+        close(slave);
+    if (pid < 0) {
+        send_text(c->fd, "error fork: %s", strerror(fork_errno));
+        if (master >= 0)
+            close(master);
+        close_conn(c);
+        return;
+    }
+    char msg[32];
+    int n = snprintf(msg, sizeof(msg), "pid %d", (int)pid);
+    c->pid = pid;
+    c->state = C_RUNNING;
+    if (send_packet(c->fd, msg, (size_t)n, master) < 0) {
+        /* The server is gone already: the process runs on, detached. */
+        close_conn(c);
+    }
+    if (master >= 0)
+        close(master);
+}
+
+static void signal_group(pid_t pid, int sig)
+{
+    if (kill(-pid, sig) < 0 && errno == ESRCH)
+        kill(pid, sig);
+}
+
+static void handle_running(struct conn *c, char *buf, size_t len)
+{
+    if (len < 8 || len > 32 || memcmp(buf, "signal ", 7) != 0)
+        return;
+    char tmp[33];
+    memcpy(tmp, buf + 7, len - 7);
+    tmp[len - 7] = '\0';
+    long long sig;
+    if (parse_num(tmp, 1, NSIG - 1, &sig) == 0)
+        signal_group(c->pid, (int)sig);
+}
+
+static void handle_conn(struct conn *c)
+{
+    if (c->state == C_FREE)
+        return;
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = { .iov_base = reqbuf, .iov_len = MAX_REQUEST };
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf)
+    };
+    ssize_t n = recvmsg(c->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return;
+        close_conn(c);
+        return;
+    }
+    int fds[MAX_FDS];
+    int nfds = 0;
+    for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h)) {
+        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t cnt = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < cnt; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof(int));
+            if (nfds < MAX_FDS)
+                fds[nfds++] = fd;
+            else
+                close(fd);
+        }
+    }
+    if (n == 0) {
+        /* Peer closed: a running process carries on, detached. */
+        close_fds(fds, nfds);
+        close_conn(c);
+        return;
+    }
+    if (c->state == C_RUNNING) {
+        close_fds(fds, nfds);
+        handle_running(c, reqbuf, (size_t)n);
+        return;
+    }
+    if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+        send_text(c->fd, "error request too large");
+        close_fds(fds, nfds);
+        close_conn(c);
+        return;
+    }
+    handle_request(c, reqbuf, (size_t)n, fds, nfds);
+}
+
+static void accept_all(int lfd)
+{
+    for (;;) {
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            return;
+        }
+        struct conn *slot = NULL;
+        for (int i = 0; i < MAX_CONNS; i++) {
+            if (conns[i].state == C_FREE) {
+                slot = &conns[i];
+                break;
+            }
+        }
+        if (!slot) {
+            send_text(fd, "error too many connections");
+            close(fd);
+            continue;
+        }
+        slot->fd = fd;
+        slot->state = C_WAIT_REQUEST;
+        slot->pid = 0;
+    }
+}
+
+static void reap(void)
+{
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        int code;
+        if (WIFEXITED(status))
+            code = WEXITSTATUS(status);
+        else if (WIFSIGNALED(status))
+            code = 128 + WTERMSIG(status);
+        else
+            continue;
+        for (int i = 0; i < MAX_CONNS; i++) {
+            if (conns[i].state == C_RUNNING && conns[i].pid == pid) {
+                send_text(conns[i].fd, "exit %d", code);
+                close_conn(&conns[i]);
+                break;
+            }
+        }
+    }
+}
+
+static int have_children(void)
+{
+    siginfo_t si;
+    memset(&si, 0, sizeof(si));
+    return waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) == 0;
+}
+
+/* kill(-1) from a namespace's PID 1 reaches every process but itself; anywhere else
+ * (tests running the agent directly) it would reach the whole host, so only signal ours. */
+static void signal_everyone(int sig)
+{
+    if (getpid() == 1) {
+        kill(-1, sig);
+        return;
+    }
+    for (int i = 0; i < MAX_CONNS; i++)
+        if (conns[i].state == C_RUNNING)
+            signal_group(conns[i].pid, sig);
+}
+
+static int listen_on(const char *path)
+{
+    struct sockaddr_un addr = { .sun_family = AF_UNIX };
+    if (strlen(path) >= sizeof(addr.sun_path)) {
+        logmsg("socket path too long: %s", path);
+        return -1;
+    }
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        logmsg("socket: %s", strerror(errno));
+        return -1;
+    }
+    unlink(path);
+    mode_t old = umask(0177);
+    int rc = bind(fd, (struct sockaddr *)&addr, sizeof(addr));
+    umask(old);
+    if (rc < 0 || chmod(path, 0600) < 0 || listen(fd, 128) < 0) {
+        logmsg("listen on %s: %s", path, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void ensure_std_fds(void)
+{
+    for (int i = 0; i < 3; i++) {
+        if (fcntl(i, F_GETFD) < 0) {
+            int fd = open("/dev/null", O_RDWR);
+            if (fd >= 0 && fd != i) {
+                dup2(fd, i);
+                close(fd);
+            }
+        }
+    }
+}
+
+int main(int argc, char **argv)
+{
+    const char *path = argc > 1 ? argv[1] : DEFAULT_SOCK;
+    /* Keep 0-2 taken so that fds received from the server never land on them. */
+    ensure_std_fds();
+    if (getpid() != 1)
+        prctl(PR_SET_CHILD_SUBREAPER, 1);
+
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+    int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (sfd < 0) {
+        logmsg("signalfd: %s", strerror(errno));
+        return 1;
+    }
+    int lfd = listen_on(path);
+    if (lfd < 0)
+        return 1;
+
+    int shutting = 0, killed = 0;
+    long long deadline = 0;
+    for (;;) {
+        int np = 0;
+        pfds[np] = (struct pollfd){ .fd = sfd, .events = POLLIN };
+        pfd_conn[np++] = -1;
+        if (lfd >= 0) {
+            pfds[np] = (struct pollfd){ .fd = lfd, .events = POLLIN };
+            pfd_conn[np++] = -2;
+        }
+        for (int i = 0; i < MAX_CONNS; i++) {
+            if (conns[i].state != C_FREE) {
+                pfds[np] = (struct pollfd){ .fd = conns[i].fd, .events = POLLIN };
+                pfd_conn[np++] = i;
+            }
+        }
+        int timeout = -1;
+        if (shutting) {
+            long long left = deadline - now_ms();
+            timeout = left < 0 ? 0 : (int)left;
+        }
+        int rc = poll(pfds, (nfds_t)np, timeout);
+        if (rc < 0 && errno != EINTR) {
+            logmsg("poll: %s", strerror(errno));
+            return 1;
+        }
+        for (int k = 0; rc > 0 && k < np; k++) {
+            if (!pfds[k].revents)
+                continue;
+            if (pfd_conn[k] == -1) {
+                struct signalfd_siginfo si;
+                while (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+                    if ((si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT) && !shutting) {
+                        shutting = 1;
+                        deadline = now_ms() + TERM_GRACE_MS;
+                        signal_everyone(SIGTERM);
+                        close(lfd);
+                        lfd = -1;
+                    }
+                }
+                reap();
+            } else if (pfd_conn[k] == -2) {
+                accept_all(lfd);
+            } else {
+                handle_conn(&conns[pfd_conn[k]]);
+            }
+        }
+        if (shutting) {
+            reap();
+            if (!have_children())
+                return 0;
+            if (now_ms() >= deadline) {
+                if (killed)
+                    return 0;
+                signal_everyone(SIGKILL);
+                killed = 1;
+                deadline = now_ms() + KILL_GRACE_MS;
+            }
+        }
+    }
+}
