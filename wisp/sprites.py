@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -75,6 +76,7 @@ class Sprites:
         self._locks: dict[str, asyncio.Lock] = {}
         self._live: dict[str, _Live] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._pool_task: asyncio.Task[None] | None = None
         #: ext4 metadata (journal, inode tables) an empty disk already uses; not user data.
         self.empty_disk_bytes = 0
 
@@ -186,7 +188,7 @@ class Sprites:
                 cps = self.volume_dir(row.id) / "checkpoints"
                 await asyncio.to_thread(cps.mkdir, parents=True, exist_ok=True)
                 if source is None:
-                    await self.volume.clone(self.template, self.disk_image(row.id))
+                    await self._fresh_disk(self.disk_image(row.id))
                 else:
                     await self._clone_from(source[0], source[1], self.disk_image(row.id))
                 self.store.insert_checkpoint(
@@ -199,6 +201,47 @@ class Sprites:
             await asyncio.shield(self._purge(row.id))
             raise
         return row
+
+    # -- prepared disks ---------------------------------------------------------------------
+    POOL_SIZE = 2
+
+    @property
+    def pool_dir(self) -> Path:
+        return self.volume.path("pool")
+
+    async def _fresh_disk(self, dst: Path) -> None:
+        """Move a prepared empty disk into place (a rename), or clone the template if none
+        is ready; then top the pool up in the background."""
+        taken = False
+        try:
+            for ready in sorted(self.pool_dir.glob("*.img")):
+                try:
+                    os.rename(ready, dst)
+                except FileNotFoundError:  # another create took it first
+                    continue
+                taken = True
+                break
+        except OSError:
+            taken = False
+        if not taken:
+            await self.volume.clone(self.template, dst)
+        self._refill_pool()
+
+    def _refill_pool(self) -> None:
+        if self._pool_task is not None and not self._pool_task.done():
+            return
+
+        async def refill() -> None:
+            try:
+                self.pool_dir.mkdir(exist_ok=True)
+                while len(list(self.pool_dir.glob("*.img"))) < self.POOL_SIZE:
+                    tmp = self.pool_dir / f"{uuid.uuid4()}.tmp"
+                    await self.volume.clone(self.template, tmp)
+                    os.rename(tmp, tmp.with_suffix(".img"))
+            except Exception as exc:
+                log.info("refilling the prepared-disk pool failed: %s", exc)
+
+        self._pool_task = asyncio.create_task(refill())
 
     async def _clone_from(self, src: SpriteRow, checkpoint: str | None, dst: Path) -> None:
         """Clone another sprite's checkpoint, or its live disk frozen for the clone only."""
@@ -379,6 +422,10 @@ class Sprites:
             used = await disk.measure_used(self.template, probe)
             baseline.write_text(str(used))
         self.empty_disk_bytes = int(baseline.read_text())
+        if self.pool_dir.exists():  # half-made pool entries from a crash
+            for tmp in self.pool_dir.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+        self._refill_pool()
         for row in self.store.all_sprites():
             if row.state in ("creating", "deleting"):
                 log.info("removing %s sprite %s left by a crash", row.state, row.name)
@@ -405,8 +452,12 @@ class Sprites:
                     f.unlink(missing_ok=True)
 
     async def stop_all(self) -> None:
-        for task in list(self._background):
+        for task in [*self._background, *([self._pool_task] if self._pool_task else [])]:
             task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
         for sprite_id in list(self._live):
             async with self.lock(sprite_id):
                 await self._stop(sprite_id)

@@ -33,6 +33,11 @@ async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float 
         proc.kill()
         await proc.wait()
         raise SystemError_(f"{args[0]} timed out after {timeout:.0f}s") from None
+    except BaseException:  # cancelled: never leave the child running behind our back
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.shield(proc.wait())
+        raise
     result = subprocess.CompletedProcess(args, proc.returncode or 0, out, err)
     if check and proc.returncode != 0:
         raise SystemError_(

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from wisp.errors import SystemError_
@@ -94,9 +95,18 @@ class ContainerRuntime(Runtime):
         if (NETNS_DIR / name).exists():
             await run("ip", "netns", "delete", name, check=False)
 
+    def init_pid(self, sprite_id: str) -> int | None:
+        """Host pid of the sprite's init while it is alive (not a zombie), else None."""
+        try:
+            pid = int((self.bundle_dir(sprite_id) / "init.pid").read_text())
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (OSError, ValueError):
+            return None
+        return None if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X") else pid
+
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
                     limits: Limits) -> None:
-        if await self.running(sprite_id):
+        if self.init_pid(sprite_id) is not None and await self.running(sprite_id):
             return
         await self._delete(sprite_id)  # a dead leftover with the same id blocks `runc run`
         self.runc_root.mkdir(parents=True, exist_ok=True)
@@ -149,19 +159,79 @@ class ContainerRuntime(Runtime):
         state = await self._state(sprite_id)
         return state is not None and state.get("status") in ("running", "paused")
 
+    def _freezer(self, sprite_id: str) -> tuple[Path, str, str] | None:
+        """(control file, freeze value, thaw value) of the sprite's cgroup freezer."""
+        v1 = Path("/sys/fs/cgroup/freezer/wisp") / sprite_id / "freezer.state"
+        if v1.exists():
+            return v1, "FROZEN", "THAWED"
+        v2 = Path("/sys/fs/cgroup/wisp") / sprite_id / "cgroup.freeze"
+        if v2.exists():
+            return v2, "1", "0"
+        return None
+
+    @staticmethod
+    def _frozen(control: Path) -> bool:
+        if control.name == "freezer.state":
+            return control.read_text().strip() == "FROZEN"
+        events = (control.parent / "cgroup.events").read_text()
+        return "frozen 1" in events
+
+    @staticmethod
+    def _cgroup_busy(sprite_id: str) -> bool:
+        for procs in (Path("/sys/fs/cgroup/pids/wisp") / sprite_id / "cgroup.procs",
+                      Path("/sys/fs/cgroup/wisp") / sprite_id / "cgroup.procs"):
+            try:
+                return bool(procs.read_text().strip())
+            except OSError:
+                continue
+        return False
+
     async def pause(self, sprite_id: str) -> None:
-        await run(*self._runc("pause", sprite_id), timeout=30)
+        """Freeze every process of the sprite through its cgroup freezer.
+
+        Writing the freezer directly costs well under a millisecond, where `runc pause`
+        spends ~20 ms starting runc; runc still sees the state (`runc state` says paused).
+        """
+        freezer = self._freezer(sprite_id)
+        if freezer is None:
+            await run(*self._runc("pause", sprite_id), timeout=30)
+            return
+        control, frozen, _ = freezer
+        control.write_text(frozen)
+        for _ in range(2000):
+            if self._frozen(control):
+                return
+            await asyncio.sleep(0.001)
+        control.write_text(freezer[2])
+        raise SystemError_(f"sprite {sprite_id} did not freeze within 2 s")
 
     async def resume(self, sprite_id: str) -> None:
-        await run(*self._runc("resume", sprite_id), timeout=30)
+        freezer = self._freezer(sprite_id)
+        if freezer is None:
+            await run(*self._runc("resume", sprite_id), timeout=30)
+            return
+        freezer[0].write_text(freezer[2])
 
     async def _delete(self, sprite_id: str) -> None:
-        state = await self._state(sprite_id)
-        if state is None:
+        """`runc delete --force` kills and removes in one call; a frozen sprite is thawed
+        first so its processes can die. Checked afterwards with `runc state`."""
+        if not (self.runc_root / sprite_id).exists():
             return
-        if state.get("status") == "paused":
-            await run(*self._runc("resume", sprite_id), check=False, timeout=30)
-        await run(*self._runc("kill", sprite_id, "KILL"), check=False, timeout=30)
+        freezer = self._freezer(sprite_id)
+        if freezer is not None:
+            freezer[0].write_text(freezer[2])
+        # Killing init ends the whole pid namespace; waiting for that here is much faster
+        # than `runc delete --force`, which polls in 100 ms steps.
+        pid = self.init_pid(sprite_id)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for _ in range(2000):
+                if self.init_pid(sprite_id) is None and not self._cgroup_busy(sprite_id):
+                    break
+                await asyncio.sleep(0.001)
         res = await run(*self._runc("delete", "--force", sprite_id), check=False, timeout=60)
         if res.returncode != 0 and await self._state(sprite_id) is not None:
             raise SystemError_(f"runc delete {sprite_id} failed: "

@@ -11,6 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import asyncio
+import ctypes
+import fcntl
+
+from wisp.errors import SystemError_
 from wisp.runtime.base import ROOT_UID_BASE
 from wisp.system import is_mountpoint, loop_devices_for, mounts_under, run
 
@@ -18,6 +23,7 @@ __all__ = ["DISK_SIZE", "make_template", "mount_disk", "unmount_disk", "freeze",
            "used_bytes", "measure_used"]
 
 DISK_SIZE = "100G"
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 async def make_template(path: Path) -> None:
@@ -67,18 +73,45 @@ async def unmount_disk(disk_dir: Path, rootfs: Path, image: Path | None = None) 
             await run("losetup", "-d", dev, check=False)
 
 
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+
+
+def _ioctl(disk_dir: Path, request: int) -> None:
+    fd = os.open(disk_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, request, 0)
+    finally:
+        os.close(fd)
+
+
 async def freeze(disk_dir: Path) -> None:
     """Flush and freeze the ext4 so that the image file below is a consistent disk."""
-    await run("fsfreeze", "-f", disk_dir, timeout=60)
+    try:
+        await asyncio.to_thread(_ioctl, disk_dir, FIFREEZE)
+    except OSError as exc:
+        raise SystemError_(f"freezing {disk_dir} failed: {exc}") from exc
 
 
 async def sync(disk_dir: Path) -> None:
     """syncfs of this one filesystem (never a global sync, which can hang on FUSE)."""
-    await run("sync", "-f", disk_dir, timeout=120)
+    def syncfs() -> None:
+        fd = os.open(disk_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)  # flushes the directory; syncfs below does the filesystem
+            _libc.syncfs(fd)
+        finally:
+            os.close(fd)
+
+    await asyncio.to_thread(syncfs)
 
 
 async def thaw(disk_dir: Path) -> None:
-    await run("fsfreeze", "-u", disk_dir, check=False, timeout=60)
+    """Thaw; thawing a filesystem that is not frozen is harmless (EINVAL, ignored)."""
+    try:
+        await asyncio.to_thread(_ioctl, disk_dir, FITHAW)
+    except OSError:
+        pass
 
 
 def used_bytes(disk_dir: Path) -> int:
