@@ -358,7 +358,8 @@ class Sprites:
             raise
         pid = int((self.runtime.bundle_dir(row.id) / "init.pid").read_text())
         handle = SpriteHandle(name=row.name, rootfs=rootfs,
-                              agent_socket=self.runtime.agent_socket(row.id))
+                              agent_socket=self.runtime.agent_socket(row.id),
+                              env=tuple(sorted(row.environment.items())))
         self._live[row.id] = _Live(handle, pid)
         self.store.update_sprite(row.id, last_running_at=now())
         return handle

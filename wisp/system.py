@@ -18,7 +18,8 @@ __all__ = ["run", "run_sync", "mounts_under", "is_mountpoint", "pid_alive", "loo
 
 
 async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float = 120.0,
-              input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+              input: bytes | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run a command without a shell; on failure raise `SystemError_` naming it and its stderr."""
     args = [os.fspath(a) for a in argv]
     proc = await asyncio.create_subprocess_exec(
@@ -26,6 +27,7 @@ async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float 
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=env,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)

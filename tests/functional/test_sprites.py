@@ -94,3 +94,18 @@ def test_upgrade_keeps_disk(client, server: WispServer, sprite_factory) -> None:
     finally:
         client.delete_sprite(sprite.name)
         store.remove("busybox", newer.version)
+
+
+def test_environment_applies_to_exec(server: WispServer, client) -> None:
+    """The `environment` given at create is in every exec's environment; a request's env
+    overrides it."""
+    name = "envtest-1"
+    r = server.api("POST", "/v1/sprites", json={"name": name, "environment": {"APP_MODE": "dev",
+                                                                              "X": "1"}})
+    assert r.status_code == 201 and r.json()["environment"] == {"APP_MODE": "dev", "X": "1"}
+    try:
+        s = client.sprite(name)
+        out = s.command("sh", "-c", "echo $APP_MODE $X", env={"X": "2"}).output()
+        assert out == b"dev 2\n"
+    finally:
+        server.api("DELETE", f"/v1/sprites/{name}")

@@ -77,6 +77,7 @@ def default_env(handle: SpriteHandle) -> dict[str, str]:
         "USER": user,
         "TERM": "xterm-256color",
         "LANG": "C.UTF-8",
+        **dict(handle.env),  # the sprite's own `environment`, set at create
     }
 
 

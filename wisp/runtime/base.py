@@ -39,6 +39,8 @@ class SpriteHandle:
     user_gid: int = SPRITE_UID
     home: str = SPRITE_HOME
     groups: tuple[int, ...] = field(default=(SPRITE_UID,))
+    #: The sprite's `environment` (set at create): every exec starts with it.
+    env: tuple[tuple[str, str], ...] = ()
 
     def host_uid(self, uid: int) -> int:
         return self.uid_base + uid

@@ -1,0 +1,83 @@
+"""The `wisp` CLI end to end against the real server, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.framework.server import REPO, WispServer
+
+
+def wisp(server: WispServer, *args: str, cwd: Path | None = None,
+         input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WISP_")}
+    env.update(WISP_API=server.url, WISP_TOKEN=server.token, PYTHONPATH=str(REPO),
+               XDG_CONFIG_HOME=str(cwd or REPO / ".no-config"))
+    return subprocess.run([sys.executable, "-m", "wisp.cli", *args], cwd=cwd or REPO, env=env,
+                          input=input, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def cli_sprite(server: WispServer):  # type: ignore[no-untyped-def]
+    name = f"cli-{os.getpid() % 10000}-{os.urandom(2).hex()}"
+    r = wisp(server, "create", name)
+    assert r.returncode == 0, r.stderr
+    yield name
+    wisp(server, "destroy", name, "--yes")
+
+
+def test_create_list_show_destroy(server: WispServer, cli_sprite: str) -> None:
+    """create → list (table and --json) → show → destroy → show fails with exit 1."""
+    r = wisp(server, "list")
+    assert r.returncode == 0 and cli_sprite in r.stdout.decode()
+    listed = json.loads(wisp(server, "list", "--json").stdout)
+    assert cli_sprite in [s["name"] for s in listed]
+    shown = json.loads(wisp(server, "show", cli_sprite, "--json").stdout)
+    assert shown["name"] == cli_sprite
+    assert wisp(server, "destroy", cli_sprite, "--yes").returncode == 0
+    r = wisp(server, "show", cli_sprite)
+    assert r.returncode == 1 and b"not found" in r.stderr
+
+
+def test_exec_streams_and_exit_code(server: WispServer, cli_sprite: str) -> None:
+    """exec forwards stdin, keeps stdout and stderr apart and exits with the remote code."""
+    r = wisp(server, "exec", "-s", cli_sprite, "--", "sh", "-c", "cat; echo err >&2; exit 3",
+             input=b"piped input\n")
+    assert r.returncode == 3
+    assert r.stdout == b"piped input\n" and r.stderr == b"err\n"
+
+
+def test_use_checkpoint_restore_fork(server: WispServer, cli_sprite: str, tmp_path: Path) -> None:
+    """`use` selects the sprite for a directory; checkpoint, restore and fork work from it."""
+    assert wisp(server, "use", cli_sprite, cwd=tmp_path).returncode == 0
+    assert wisp(server, "exec", "--", "sh", "-c", "echo one > /home/sprite/f",
+                cwd=tmp_path).returncode == 0
+    r = wisp(server, "checkpoint", "create", "--comment", "cli", cwd=tmp_path)
+    assert r.returncode == 0 and b"v1" in r.stdout, r.stderr
+    cps = json.loads(wisp(server, "checkpoint", "list", "--json", cwd=tmp_path).stdout)
+    assert [c["id"] for c in cps] == ["v1", "v0"]
+    wisp(server, "exec", "--", "sh", "-c", "echo two > /home/sprite/f", cwd=tmp_path)
+    assert wisp(server, "restore", "v1", cwd=tmp_path).returncode == 0
+    r = wisp(server, "exec", "--", "cat", "/home/sprite/f", cwd=tmp_path)
+    assert r.stdout == b"one\n"
+    fork = f"{cli_sprite}-f"
+    try:
+        assert wisp(server, "fork", cli_sprite, fork, "--checkpoint", "v0").returncode == 0
+        r = wisp(server, "exec", "-s", fork, "--", "ls", "/home/sprite")
+        assert r.returncode == 0 and r.stdout == b""
+    finally:
+        wisp(server, "destroy", fork, "--yes")
+    assert wisp(server, "checkpoint", "delete", "v1", cwd=tmp_path).returncode == 1  # in use
+
+
+def test_bad_token_is_an_error(server: WispServer) -> None:
+    """A wrong token is reported as an error with exit code 1, not a traceback."""
+    env_server = WispServer.__new__(WispServer)
+    env_server.__dict__.update(server.__dict__, token="wrong")
+    r = wisp(env_server, "list")
+    assert r.returncode == 1 and b"error:" in r.stderr and b"Traceback" not in r.stderr
