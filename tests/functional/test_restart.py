@@ -182,3 +182,35 @@ def test_storage_crash_gives_503_then_recovers(own_server: WispServer) -> None:
     r = own_server.api("POST", "/v1/sprites/jfs/checkpoint", json={})
     assert json.loads(r.text.strip().splitlines()[-1])["type"] == "complete"
     assert sh(c.sprite("jfs"), "cat /home/sprite/f") == b"durable\n"
+
+
+def test_sigkill_during_delete_finishes_it(own_server: WispServer) -> None:
+    """A delete cut short by SIGKILL is finished at the next start: the sprite is gone with
+    its disk and checkpoints, and nothing of it is left mounted."""
+    import threading
+
+    c = _client(own_server)
+    s = c.create_sprite("delkill")
+    sh(s, "head -c 20000000 /dev/urandom > /home/sprite/big")
+    list(s.create_checkpoint())
+    sprite_id = own_server.api("GET", "/v1/sprites/delkill").json()["id"]
+
+    def delete() -> None:
+        try:
+            httpx.delete(own_server.url + "/v1/sprites/delkill", headers=own_server.headers,
+                         timeout=30)
+        except httpx.HTTPError:
+            pass
+
+    t = threading.Thread(target=delete)
+    t.start()
+    time.sleep(0.01)
+    own_server.kill()
+    t.join()
+    own_server.start()
+    r = own_server.api("GET", "/v1/sprites/delkill")
+    if r.status_code == 200:  # the kill landed before the delete began: do it now
+        assert own_server.api("DELETE", "/v1/sprites/delkill").status_code == 204
+    assert own_server.api("GET", "/v1/sprites/delkill").status_code == 404
+    assert not (own_server.data_dir / "mnt" / "sprites" / sprite_id).exists()
+    assert [m for m in leaks(own_server.data_dir)["mounts"] if sprite_id in m] == []
