@@ -8,6 +8,7 @@ ext4, loop) → volume (flushed). The first SIGINT/SIGTERM drains, a second one 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -100,10 +101,15 @@ def build(config: Config) -> tuple[Services, object]:
         try:
             yield
         finally:
-            await sessions.close_all()
-            await sprites.stop_all()
-            await sprites.clear_host()  # anything a cancelled start left half made
-            await volume.stop()
+            # Reverse order; each step runs even if the one before it failed, so the
+            # volume is always flushed and unmounted last.
+            for step in (sessions.close_all, sprites.stop_all,
+                         sprites.clear_host,  # anything a cancelled start left half made
+                         volume.stop):
+                try:
+                    await asyncio.shield(step())
+                except BaseException:
+                    log.exception("shutdown step %s failed", step.__qualname__)
             store.close()
 
     routes = [*sprite_routes(svc), *exec_routes(sprites.handle, sessions),

@@ -1,7 +1,7 @@
 """A sprite's disk: a sparse 100 GB ext4 image on JuiceFS, loop-mounted, whose `upper/` and
 `work/` directories make the overlayfs upper layer over the read-only base image.
 
-New disks are clones of one pre-formatted template image (a metadata copy, ~50 ms) rather
+New disks are clones of one pre-formatted template image (a metadata copy, a few ms) rather
 than a fresh mkfs per sprite. Mount and unmount check /proc/self/mountinfo and sysfs, so
 they are safe to call again after a crash left things half done.
 """

@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from wisp.config import Config
 from wisp.errors import StorageUnavailable, SystemError_
@@ -78,23 +79,44 @@ class Volume:
         env.setdefault("JFS_NO_CHECK_OBJECT_STORAGE", "1")
         return env
 
+    @property
+    def meta_url(self) -> str:
+        """The metadata URL without its password (that travels in META_PASSWORD)."""
+        parts = urlsplit(self.config.metadata_url)
+        if parts.password is None:
+            return self.config.metadata_url
+        netloc = parts.netloc.rsplit("@", 1)
+        user = netloc[0].split(":", 1)[0]
+        return urlunsplit(parts._replace(netloc=f"{user}@{netloc[1]}"))
+
+    def _meta_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(extra or {})
+        password = urlsplit(self.config.metadata_url).password
+        if password is not None:
+            env["META_PASSWORD"] = password
+        return env
+
     async def format(self) -> None:
         """Format the volume unless its metadata already describes one (idempotent)."""
         cfg = self.config
         cfg.volume_dir.mkdir(parents=True, exist_ok=True)
-        status = await run(self.bin, "status", cfg.metadata_url, check=False, timeout=60)
+        status = await run(self.bin, "status", self.meta_url, check=False, timeout=60,
+                           env=self._meta_env())
         if status.returncode == 0:
             return
         args = [self.bin, "format", "--no-update", "--trash-days", "0",
-                "--storage", cfg.storage.storage, "--bucket", cfg.bucket]
-        if cfg.storage.access_key:
-            args += ["--access-key", cfg.storage.access_key]
-        if cfg.storage.secret_key:
-            args += ["--secret-key", cfg.storage.secret_key]
-        args += [cfg.metadata_url, cfg.storage.volume_name]
+                "--storage", cfg.storage.storage, "--bucket", cfg.bucket,
+                self.meta_url, cfg.storage.volume_name]
         if cfg.storage.storage == "file":
             Path(cfg.bucket).mkdir(parents=True, exist_ok=True)
-        await run(*args, timeout=120)
+        # Keys go through the environment, never argv, which every local user can read.
+        env: dict[str, str] = {}
+        if cfg.storage.access_key:
+            env["ACCESS_KEY"] = cfg.storage.access_key
+        if cfg.storage.secret_key:
+            env["SECRET_KEY"] = cfg.storage.secret_key
+        await run(*args, timeout=120, env=self._meta_env(env))
 
     async def start(self) -> None:
         """Format if needed, clear an orphaned mount, mount, and supervise the child."""
@@ -115,12 +137,12 @@ class Volume:
                 "--log", str(cfg.run_dir / "juicefs.log")]
         if cfg.storage.writeback:
             args.append("--writeback")
-        args += [cfg.metadata_url, str(self.mount_point)]
+        args += [self.meta_url, str(self.mount_point)]
         logf = open(cfg.run_dir / "juicefs.out", "ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True, env=self._env())
+                start_new_session=True, env=self._meta_env(self._env()))
         finally:
             logf.close()
         deadline = time.monotonic() + 30
@@ -214,6 +236,11 @@ class Volume:
 
     # -- operations -----------------------------------------------------------------------
     async def clone(self, src: Path, dst: Path) -> None:
-        """Copy-on-write copy of a file inside the volume: metadata only, no data moves."""
+        """Copy-on-write copy of a file inside the volume: metadata only, no data moves.
+
+        Asked of the mount daemon through its control file (`wisp.storage.clone`), which
+        saves the ~35 ms start of a juicefs process per checkpoint, restore and fork."""
+        from wisp.storage.clone import clone
+
         self.require()
-        await run(self.bin, "clone", src, dst, timeout=120)
+        await clone(self.mount_point, src, dst, timeout=120)
