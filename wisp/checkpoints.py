@@ -126,12 +126,16 @@ class Checkpoints:
             incoming = live.with_name("disk.img.restoring")
             incoming.unlink(missing_ok=True)
             await sprites.volume.clone(sprites.checkpoint_image(row.id, cp.id), incoming)
-            yield event("info", "Restarting sprite on the restored disk...")
+            yield event("info", "Stopping sprite...")
             try:
-                await sprites.swap_disk(row, incoming, on_swapped=lambda: sprites.store.update_sprite(
-                    row.id, current_checkpoint=cp.id, updated_at=now()))
-            finally:
-                incoming.unlink(missing_ok=True)  # gone already when the swap succeeded
+                await sprites._stop(row.id)
+                os.replace(incoming, live)
+            except BaseException:
+                incoming.unlink(missing_ok=True)
+                raise
+            sprites.store.update_sprite(row.id, current_checkpoint=cp.id, updated_at=now())
+            yield event("info", "Starting sprite...")
+            await sprites._start(sprites.row(row.name))
         yield event("complete", f"Restored to {cp.id}", id=cp.id)
 
     # -- delete ---------------------------------------------------------------------------

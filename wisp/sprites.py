@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +59,6 @@ def validate_name(name: object) -> str:
 class _Live:
     handle: SpriteHandle
     init_pid: int
-    slot: int = 0
 
 
 class Sprites:
@@ -95,19 +93,11 @@ class Sprites:
             return self.template
         return self.volume_dir(sprite_id) / "checkpoints" / f"{cp_id}.img"
 
-    # Two mount slots per sprite, so a restore can mount the new disk in one while the old
-    # sprite is still being stopped in the other.
-    def _slot(self, sprite_id: str) -> int:
-        live = self._live.get(sprite_id)
-        return live.slot if live is not None else 0
+    def disk_dir(self, sprite_id: str) -> Path:
+        return self.sprites_run / sprite_id / "disk"
 
-    def disk_dir(self, sprite_id: str, slot: int | None = None) -> Path:
-        slot = self._slot(sprite_id) if slot is None else slot
-        return self.sprites_run / sprite_id / ("disk" if slot == 0 else f"disk.{slot}")
-
-    def rootfs_dir(self, sprite_id: str, slot: int | None = None) -> Path:
-        slot = self._slot(sprite_id) if slot is None else slot
-        return self.sprites_run / sprite_id / ("rootfs" if slot == 0 else f"rootfs.{slot}")
+    def rootfs_dir(self, sprite_id: str) -> Path:
+        return self.sprites_run / sprite_id / "rootfs"
 
     @property
     def template(self) -> Path:
@@ -346,9 +336,7 @@ class Sprites:
         """`handle` for a caller that already holds the sprite's lock."""
         return await self._start(row)
 
-    async def _start(self, row: SpriteRow, slot: int = 0,
-                     mounted: bool = False) -> SpriteHandle:
-        """Boot the sprite: mount its disk in `slot` (unless `mounted`), then the container."""
+    async def _start(self, row: SpriteRow) -> SpriteHandle:
         live = self._live.get(row.id)
         if live is not None and pid_alive(live.init_pid):
             return live.handle
@@ -359,10 +347,9 @@ class Sprites:
         if image is None:
             raise SystemError_(f"base image {row.image}@{row.image_version} of sprite "
                                f"'{row.name}' is missing")
-        disk_dir, rootfs = self.disk_dir(row.id, slot), self.rootfs_dir(row.id, slot)
+        disk_dir, rootfs = self.disk_dir(row.id), self.rootfs_dir(row.id)
         try:
-            if not mounted:
-                await disk.mount_disk(self.disk_image(row.id), disk_dir, image.rootfs, rootfs)
+            await disk.mount_disk(self.disk_image(row.id), disk_dir, image.rootfs, rootfs)
             await self.runtime.start(row.id, row.name, rootfs, self.sprites_run / row.id,
                                      Limits(self.config.memory_mb, self.config.cpus,
                                             self.config.pids))
@@ -373,41 +360,9 @@ class Sprites:
         handle = SpriteHandle(name=row.name, rootfs=rootfs,
                               agent_socket=self.runtime.agent_socket(row.id),
                               env=tuple(sorted(row.environment.items())))
-        self._live[row.id] = _Live(handle, pid, slot)
+        self._live[row.id] = _Live(handle, pid)
         self.store.update_sprite(row.id, last_running_at=now())
         return handle
-
-    async def swap_disk(self, row: SpriteRow, incoming: Path,
-                        on_swapped: Callable[[], None] | None = None) -> None:
-        """Replace the sprite's disk with `incoming` and boot it. Caller holds the lock.
-
-        The new disk is mounted in the free slot while the old sprite is stopped in its own
-        slot (the two are independent); only then is `incoming` renamed over disk.img.
-        Any failure leaves disk.img as it was and the sprite cold.
-        """
-        image = self.images.get(row.image, row.image_version)
-        if image is None:
-            raise SystemError_(f"base image {row.image}@{row.image_version} is missing")
-        live = self._live.get(row.id)
-        if live is None or not pid_alive(live.init_pid):
-            await self._stop(row.id)
-            new_slot = 0
-            stop_old = None
-        else:
-            new_slot = 1 - live.slot
-            stop_old = self._stop_slot(row.id, live.slot)
-        mount_new = disk.mount_disk(incoming, self.disk_dir(row.id, new_slot), image.rootfs,
-                                    self.rootfs_dir(row.id, new_slot))
-        results = await asyncio.gather(mount_new, *([stop_old] if stop_old else []),
-                                       return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            await asyncio.shield(self._stop(row.id))
-            raise failed[0]
-        os.replace(incoming, self.disk_image(row.id))
-        if on_swapped is not None:
-            on_swapped()
-        await self._start(self.row(row.name), slot=new_slot, mounted=True)
 
     def prestart(self, name: str) -> None:
         """Start a new sprite in the background: the first exec usually follows a create."""
@@ -427,17 +382,12 @@ class Sprites:
             await self._stop(row.id)
 
     async def _stop(self, sprite_id: str) -> None:
-        """Container, then overlay, then ext4 and its loop device, in every slot. Idempotent."""
-        await self._stop_slot(sprite_id, 0)
-        await disk.unmount_disk(self.disk_dir(sprite_id, 1), self.rootfs_dir(sprite_id, 1),
-                                self.disk_image(sprite_id))
-
-    async def _stop_slot(self, sprite_id: str, slot: int) -> None:
+        """Container, then overlay, then ext4 and its loop device. Idempotent."""
         live = self._live.pop(sprite_id, None)
         if live is not None:
             await self.sessions.close_sprite(live.handle.name)
         await self.runtime.stop(sprite_id)
-        await disk.unmount_disk(self.disk_dir(sprite_id, slot), self.rootfs_dir(sprite_id, slot),
+        await disk.unmount_disk(self.disk_dir(sprite_id), self.rootfs_dir(sprite_id),
                                 self.disk_image(sprite_id))
 
     # -- server start / stop --------------------------------------------------------------

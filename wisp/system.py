@@ -111,8 +111,6 @@ def loop_devices_for(backing_prefix: Path) -> list[str]:
             target = backing.read_text().strip()
         except OSError:
             continue
-        # the file itself, or anything below a directory: never `disk.img.restoring`
-        # when asked for `disk.img`
-        if target == base or target.startswith(base.rstrip("/") + "/"):
+        if target.startswith(base):
             devices.append("/dev/" + entry.name)
     return devices
