@@ -111,6 +111,8 @@ def loop_devices_for(backing_prefix: Path) -> list[str]:
             target = backing.read_text().strip()
         except OSError:
             continue
-        if target.startswith(base):
+        # the file itself, or anything below a directory: never `disk.img.restoring`
+        # when asked for `disk.img`
+        if target == base or target.startswith(base.rstrip("/") + "/"):
             devices.append("/dev/" + entry.name)
     return devices
