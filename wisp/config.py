@@ -15,6 +15,7 @@ engine (Redis, PostgreSQL URL) and the object store (any S3 endpoint):
 
     [sprites]
     image = "debian"          # base image for new sprites
+    warm_pool = 1             # booted, unnamed sprites kept ready for creates
     memory_mb = 1024
     cpus = 1.0
     pids = 2048
@@ -62,6 +63,9 @@ class Config:
     memory_mb: int = 1024
     cpus: float = 1.0
     pids: int = 2048
+    #: Sprites kept booted (disk mounted, init running) but unnamed, so a create can hand
+    #: one out at once instead of booting; 0 turns it off.
+    warm_pool: int = 1
     checkpoint_max_bytes: int = 100 * GiB
     org: str = "wisp"
     images_path: Path | None = None  # default: <data_dir>/images
@@ -140,7 +144,7 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         raise BadRequest("config: storage.storage must be 'file' or 's3'")
     if cfg.storage.storage == "s3" and not cfg.storage.bucket:
         raise BadRequest("config: storage.bucket (an S3 URL) is required with storage = 's3'")
-    for key in ("image", "memory_mb", "cpus", "pids"):
+    for key in ("image", "memory_mb", "cpus", "pids", "warm_pool"):
         if key in sprites:
             setattr(cfg, key, sprites[key])
     if "max_bytes" in checkpoints:
@@ -157,6 +161,8 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.images_path = Path(env["WISP_IMAGES_DIR"])
     if env.get("WISP_IMAGE"):
         cfg.image = env["WISP_IMAGE"]
+    if env.get("WISP_WARM_POOL"):
+        cfg.warm_pool = int(env["WISP_WARM_POOL"])
     if env.get("WISP_CHECKPOINT_MAX_BYTES"):
         cfg.checkpoint_max_bytes = int(env["WISP_CHECKPOINT_MAX_BYTES"])
 

@@ -61,6 +61,15 @@ class _Live:
     init_pid: int
 
 
+@dataclass
+class _Warm:
+    """A booted sprite with no record yet: its id, base image version and init pid."""
+
+    id: str
+    image_version: str
+    init_pid: int
+
+
 class Sprites:
     """Owns every sprite on this host: records, disks, mounts and runtime."""
 
@@ -77,6 +86,8 @@ class Sprites:
         self._live: dict[str, _Live] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._pool_task: asyncio.Task[None] | None = None
+        self._warm: list[_Warm] = []
+        self._warm_task: asyncio.Task[None] | None = None
         #: ext4 metadata (journal, inode tables) an empty disk already uses; not user data.
         self.empty_disk_bytes = 0
 
@@ -174,7 +185,9 @@ class Sprites:
             base = self._base_image()
             image_name, image_version = base.name, base.version
         stamp = now()
-        row = SpriteRow(id="sprite-" + str(uuid.uuid4()), name=name, state="creating",
+        warm = self._take_warm(image_version) if source is None else None
+        row = SpriteRow(id=warm.id if warm else "sprite-" + str(uuid.uuid4()), name=name,
+                        state="creating",
                         image=image_name, image_version=image_version,
                         labels=list(labels or []), url_settings=dict(url_settings or {}),
                         environment=dict(environment or {}), created_at=stamp,
@@ -182,12 +195,16 @@ class Sprites:
         try:
             self.store.insert_sprite(row)
         except Exception as exc:  # sqlite3.IntegrityError: a concurrent create won
+            if warm is not None:
+                self._warm.append(warm)
             raise SpriteExists(name) from exc
         try:
             async with self.lock(row.id):
                 cps = self.volume_dir(row.id) / "checkpoints"
                 await asyncio.to_thread(cps.mkdir, parents=True, exist_ok=True)
-                if source is None:
+                if warm is not None:
+                    pass  # its disk is in place and mounted already
+                elif source is None:
                     await self._fresh_disk(self.disk_image(row.id))
                 else:
                     await self._clone_from(source[0], source[1], self.disk_image(row.id))
@@ -197,10 +214,87 @@ class Sprites:
                                   size_bytes=0), next_seq=1)
                 self.store.update_sprite(row.id, state="ready")
                 row.state = "ready"
+                if warm is not None:
+                    await self._adopt(row, warm)
         except BaseException:
             await asyncio.shield(self._purge(row.id))
             raise
+        finally:
+            if warm is not None:
+                self._refill_warm()
         return row
+
+    # -- warm sprites ---------------------------------------------------------------------
+    def _take_warm(self, image_version: str) -> _Warm | None:
+        while self._warm:
+            warm = self._warm.pop(0)
+            if warm.image_version == image_version and pid_alive(warm.init_pid):
+                return warm
+            self._discard_warm(warm)  # an older image, or died: not worth handing out
+        return None
+
+    async def _adopt(self, row: SpriteRow, warm: _Warm) -> None:
+        """Turn a warm sprite into `row`: name it; it is running from this moment on.
+        If naming fails the sprite is stopped and simply boots on its first request."""
+        try:
+            await self.runtime.rename(row.id, row.name)
+        except Exception as exc:
+            log.warning("naming warm sprite %s failed (%s); it will boot cold", row.id, exc)
+            await self._stop(row.id)
+            return
+        handle = SpriteHandle(name=row.name, rootfs=self.rootfs_dir(row.id),
+                              agent_socket=self.runtime.agent_socket(row.id),
+                              env=tuple(sorted(row.environment.items())))
+        self._live[row.id] = _Live(handle, warm.init_pid)
+        self.store.update_sprite(row.id, last_running_at=now())
+
+    def _discard_warm(self, warm: _Warm) -> None:
+        async def discard() -> None:
+            await self._purge_unrecorded(warm.id)
+
+        task = asyncio.create_task(discard())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _purge_unrecorded(self, sprite_id: str) -> None:
+        """Remove a sprite that never had a record (a warm one)."""
+        await self._stop(sprite_id)
+        if self.volume.available:
+            await asyncio.to_thread(shutil.rmtree, self.volume_dir(sprite_id), True)
+        await asyncio.to_thread(shutil.rmtree, self.sprites_run / sprite_id, True)
+
+    def _refill_warm(self) -> None:
+        if self.config.warm_pool <= 0 or (self._warm_task and not self._warm_task.done()):
+            return
+
+        async def refill() -> None:
+            while len(self._warm) < self.config.warm_pool:
+                sprite_id = "sprite-" + str(uuid.uuid4())
+                try:
+                    image = self._base_image()
+                    self.volume.require()
+                    cps = self.volume_dir(sprite_id) / "checkpoints"
+                    await asyncio.to_thread(cps.mkdir, parents=True, exist_ok=True)
+                    await self._fresh_disk(self.disk_image(sprite_id))
+                    rootfs = self.rootfs_dir(sprite_id)
+                    await disk.mount_disk(self.disk_image(sprite_id), self.disk_dir(sprite_id),
+                                          image.rootfs, rootfs)
+                    await self.runtime.start(sprite_id, "sprite", rootfs,
+                                             self.sprites_run / sprite_id,
+                                             Limits(self.config.memory_mb, self.config.cpus,
+                                                    self.config.pids))
+                    pid = self.runtime.init_pid(sprite_id)
+                    if pid is None:
+                        raise SystemError_("warm sprite's init is gone")
+                    self._warm.append(_Warm(sprite_id, image.version, pid))
+                except BaseException as exc:
+                    await asyncio.shield(self._purge_unrecorded(sprite_id))
+                    if not isinstance(exc, Exception):
+                        raise
+                    log.info("preparing a warm sprite failed: %s", exc)
+                    return
+
+        self._warm_task = asyncio.create_task(refill())
 
     # -- prepared disks ---------------------------------------------------------------------
     POOL_SIZE = 2
@@ -399,8 +493,11 @@ class Sprites:
         """
         for sprite_id in await self.runtime.list_ids():
             await self.runtime.stop(sprite_id)
-        for row in self.store.all_sprites():
-            await self.runtime.stop(row.id)  # removes its netns too
+        known = {row.id for row in self.store.all_sprites()}
+        if self.sprites_run.exists():  # warm sprites have a run dir but no record
+            known |= {d.name for d in self.sprites_run.iterdir() if d.name.startswith("sprite-")}
+        for sprite_id in sorted(known):
+            await self.runtime.stop(sprite_id)  # removes its netns too
         if self.sprites_run.exists():
             for point, _ in mounts_under(self.sprites_run):
                 await run("fsfreeze", "-u", point, check=False)
@@ -427,6 +524,7 @@ class Sprites:
             for tmp in self.pool_dir.glob("*.tmp"):
                 tmp.unlink(missing_ok=True)
         self._refill_pool()
+        self._refill_warm()
         for row in self.store.all_sprites():
             if row.state in ("creating", "deleting"):
                 log.info("removing %s sprite %s left by a crash", row.state, row.name)
@@ -453,18 +551,29 @@ class Sprites:
                     f.unlink(missing_ok=True)
 
     async def stop_all(self) -> None:
-        for task in [*self._background, *([self._pool_task] if self._pool_task else [])]:
+        tasks = [*self._background, *([self._pool_task] if self._pool_task else []),
+                 *([self._warm_task] if self._warm_task else [])]
+        for task in tasks:
             task.cancel()
             try:
                 await task
             except BaseException:
                 pass
+        warm, self._warm = self._warm, []
+        for w in warm:
+            await self._purge_unrecorded(w.id)
         for sprite_id in list(self._live):
             async with self.lock(sprite_id):
                 await self._stop(sprite_id)
 
     async def storage_lost(self) -> None:
         """JuiceFS died: fail fast — kill every sprite; they restart from durable state."""
+        warm, self._warm = self._warm, []
+        for w in warm:
+            try:
+                await self._stop(w.id)  # its directory goes at the next recover
+            except Exception:
+                log.exception("stopping warm sprite %s after storage loss", w.id)
         for sprite_id in list(self._live):
             try:
                 await self._stop(sprite_id)

@@ -20,7 +20,9 @@ from tests.framework.server import WispServer
 def own_server(leak_check: Path, request) -> Iterator[WispServer]:  # type: ignore[no-untyped-def]
     import re
 
-    srv = WispServer(leak_check / re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-40:])
+    marker = request.node.get_closest_marker("server_env")
+    srv = WispServer(leak_check / re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-40:],
+                     extra_env=marker.args[0] if marker else None)
     srv.start()
     yield srv
     srv.stop()
@@ -119,6 +121,7 @@ def test_sigkill_during_restore(own_server: WispServer) -> None:
     assert sh(s, "cat /home/sprite/f") == b"old\n"
 
 
+@pytest.mark.server_env({"WISP_WARM_POOL": "0"})  # so that every disk on the volume is counted
 def test_sigkill_during_create_leaves_nothing(own_server: WispServer) -> None:
     """A create cut short by SIGKILL leaves either a whole sprite or none at all."""
     import threading

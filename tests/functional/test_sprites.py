@@ -69,8 +69,10 @@ def test_exec_quickstart(sprite) -> None:
 
 
 def test_hostname_and_home(sprite) -> None:
-    """The sprite's hostname is its name; commands start in /home/sprite as `sprite`."""
+    """The sprite's hostname is its name (also for sprites handed out from the warm pool,
+    which are named after boot) and resolves; commands start in /home/sprite as `sprite`."""
     assert sprite.command("hostname").output().decode().strip() == sprite.name
+    assert f"127.0.1.1\t{sprite.name}\n".encode() in sprite.command("cat", "/etc/hosts").output()
     assert sprite.command("pwd").output() == b"/home/sprite\n"
     assert sprite.command("id", "-un").output() == b"sprite\n"
 

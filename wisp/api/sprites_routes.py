@@ -67,7 +67,7 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
             url_settings=check_url_settings(url_settings) if url_settings is not None else {},
             environment=_string_map(body.get("environment"), "environment"))
         out = sprites.to_json(row)
-        sprites.prestart(row.name)
+        sprites.prestart(row.name)  # a no-op when the create handed out a warm sprite
         return JSONResponse(out, status_code=201)
 
     async def list_(request: Request) -> Response:

@@ -95,6 +95,22 @@ class ContainerRuntime(Runtime):
         if (NETNS_DIR / name).exists():
             await run("ip", "netns", "delete", name, check=False)
 
+    def _write_hosts(self, path: Path, hostname: str) -> None:
+        # Rewritten in place: the sprite sees this inode through a bind mount.
+        with open(path, "w") as f:
+            f.write(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                    f"127.0.1.1\t{hostname}\n")
+        path.chmod(0o644)
+
+    async def rename(self, sprite_id: str, hostname: str) -> None:
+        """Give a running sprite its name: hostname (in its UTS namespace, set from the
+        host, since root inside lacks CAP_SYS_ADMIN) and /etc/hosts."""
+        pid = self.init_pid(sprite_id)
+        if pid is None:
+            raise SystemError_(f"sprite {sprite_id} is not running")
+        await run("nsenter", "-t", str(pid), "-u", "hostname", hostname, timeout=10)
+        self._write_hosts(self.bundle_dir(sprite_id) / "hosts", hostname)
+
     def init_pid(self, sprite_id: str) -> int | None:
         """Host pid of the sprite's init while it is alive (not a zombie), else None."""
         try:
@@ -119,9 +135,7 @@ class ContainerRuntime(Runtime):
         os.chown(agent_dir, ROOT_UID_BASE, ROOT_UID_BASE)
         netns = await self._ensure_netns(sprite_id)
         hosts = bundle / "hosts"
-        hosts.write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-                         f"127.0.1.1\t{hostname}\n")
-        hosts.chmod(0o644)
+        self._write_hosts(hosts, hostname)
         spec = make_spec(hostname=hostname, rootfs=rootfs, init_binary=self.init_binary,
                          agent_dir=agent_dir, hosts_file=hosts, netns=netns, cgroup_path=f"/wisp/{sprite_id}",
                          limits=limits)
