@@ -67,6 +67,25 @@ def test_sprites_survive_restart(own_server: WispServer, how: str) -> None:
     assert sh(a, "cat /home/sprite/f") == b"alpha\n"
 
 
+def _kill_during(srv: WispServer, method: str, path: str, after: float,
+                 **kw: object) -> None:
+    """Send a request from another thread and SIGKILL the server `after` seconds later."""
+    import threading
+
+    def send() -> None:
+        try:
+            httpx.request(method, srv.url + path, headers=srv.headers, timeout=30,
+                          **kw)  # type: ignore[arg-type]
+        except httpx.HTTPError:
+            pass
+
+    t = threading.Thread(target=send)
+    t.start()
+    time.sleep(after)
+    srv.kill()
+    t.join()
+
+
 def _kill_mid_stream(srv: WispServer, path: str, after_lines: int = 1) -> list[str]:
     """POST `path`, read `after_lines` NDJSON lines, then SIGKILL the server."""
     lines: list[str] = []
@@ -124,20 +143,7 @@ def test_sigkill_during_restore(own_server: WispServer) -> None:
 @pytest.mark.server_env({"WISP_WARM_POOL": "0"})  # so that every disk on the volume is counted
 def test_sigkill_during_create_leaves_nothing(own_server: WispServer) -> None:
     """A create cut short by SIGKILL leaves either a whole sprite or none at all."""
-    import threading
-
-    def create() -> None:
-        try:
-            httpx.post(own_server.url + "/v1/sprites", headers=own_server.headers,
-                       json={"name": "halfmade"}, timeout=30)
-        except httpx.HTTPError:
-            pass
-
-    t = threading.Thread(target=create)
-    t.start()
-    time.sleep(0.03)
-    own_server.kill()
-    t.join()
+    _kill_during(own_server, "POST", "/v1/sprites", after=0.03, json={"name": "halfmade"})
     own_server.start()
     r = own_server.api("GET", "/v1/sprites/halfmade")
     if r.status_code == 200:
@@ -190,7 +196,6 @@ def test_storage_crash_gives_503_then_recovers(own_server: WispServer) -> None:
 def test_sigkill_during_delete_finishes_it(own_server: WispServer) -> None:
     """A delete cut short by SIGKILL is finished at the next start: the sprite is gone with
     its disk and checkpoints, and nothing of it is left mounted."""
-    import threading
 
     c = _client(own_server)
     s = c.create_sprite("delkill")
@@ -198,18 +203,7 @@ def test_sigkill_during_delete_finishes_it(own_server: WispServer) -> None:
     list(s.create_checkpoint())
     sprite_id = own_server.api("GET", "/v1/sprites/delkill").json()["id"]
 
-    def delete() -> None:
-        try:
-            httpx.delete(own_server.url + "/v1/sprites/delkill", headers=own_server.headers,
-                         timeout=30)
-        except httpx.HTTPError:
-            pass
-
-    t = threading.Thread(target=delete)
-    t.start()
-    time.sleep(0.01)
-    own_server.kill()
-    t.join()
+    _kill_during(own_server, "DELETE", "/v1/sprites/delkill", after=0.01)
     own_server.start()
     r = own_server.api("GET", "/v1/sprites/delkill")
     if r.status_code == 200:  # the kill landed before the delete began: do it now
