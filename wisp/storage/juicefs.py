@@ -87,7 +87,7 @@ class Volume:
             return self.config.metadata_url
         netloc = parts.netloc.rsplit("@", 1)
         user = netloc[0].split(":", 1)[0]
-        return urlunsplit(parts._replace(netloc=f"{user}@{netloc[1]}"))
+        return urlunsplit(parts._replace(netloc=f"{user}@{netloc[1]}" if user else netloc[1]))
 
     def _meta_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
