@@ -35,6 +35,8 @@ class WispServer:
         self.config_file = config_file
         self.port = free_port()
         self.extra_env = extra_env or {}
+        #: With True the server generates its own token; read it from `<data>/token`.
+        self.generated_token = False
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"{data_dir.name}.server.log"
 
@@ -48,7 +50,10 @@ class WispServer:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({"WISP_TOKEN": self.token, "WISP_IMAGE": self.image,
+        env.pop("WISP_TOKEN", None)
+        if not self.generated_token:
+            env["WISP_TOKEN"] = self.token
+        env.update({"WISP_IMAGE": self.image,
                     "WISP_IMAGES_DIR": str(IMAGES_DIR), "WISP_NO_CLIENT_CONFIG": "1",
                     "PYTHONPATH": str(REPO)})
         env.update(self.extra_env)
@@ -71,6 +76,8 @@ class WispServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"wisp serve exited {self.proc.returncode}:\n"
                                    + self.log.read_text()[-3000:])
+            if self.generated_token and (self.data_dir / "token").exists():
+                self.token = (self.data_dir / "token").read_text().strip()
             try:
                 r = httpx.get(f"{self.url}/v1/sprites", headers=self.headers, timeout=2)
                 if r.status_code == 200:
