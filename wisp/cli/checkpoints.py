@@ -83,8 +83,8 @@ def delete(state: State, checkpoint_id: str, sprite: str | None) -> None:
 def restore(state: State, checkpoint_id: str, sprite: str | None, as_json: bool) -> None:
     """Roll the sprite's disk back to checkpoint ID.
 
-    Every process in the sprite is stopped and its services restart from their
-    definitions; open exec sessions end."""
+    Every process in the sprite is stopped, open exec sessions end, and the sprite
+    starts again on the restored disk."""
     from wisp.cli.output import follow_progress
 
     name = resolve_sprite(sprite)
