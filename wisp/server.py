@@ -18,7 +18,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from wisp.config import Config, load_config
+
+if TYPE_CHECKING:  # the real imports happen in build(), keeping `wisp --help` fast
+    from wisp.checkpoints import Checkpoints
+    from wisp.db import Store
+    from wisp.exec.sessions import SessionRegistry
+    from wisp.images import ImageStore
+    from wisp.runtime.container import ContainerRuntime
+    from wisp.sprites import Sprites
+    from wisp.storage.juicefs import Volume
 
 __all__ = ["Services", "serve", "build", "ensure_token"]
 
@@ -31,13 +42,13 @@ class Services:
 
     config: Config
     token: str
-    store: object
-    volume: object
-    images: object
-    runtime: object
-    sessions: object
-    sprites: object
-    checkpoints: object
+    store: Store
+    volume: Volume
+    images: ImageStore
+    runtime: ContainerRuntime
+    sessions: SessionRegistry
+    sprites: Sprites
+    checkpoints: Checkpoints
 
 
 def _write_private(path: Path, text: str) -> None:
