@@ -7,9 +7,9 @@ DATA_DIR ?= /var/lib/wisp
 LISTEN ?= 127.0.0.1:7770
 PYTEST_ARGS ?=
 
-.PHONY: run test bench check install deps venv init clean
+.PHONY: run test bench check install deps venv init js clean
 
-install: deps venv init
+install: deps venv init js
 
 # Debian packages: installed only when one is missing, so a warm machine skips apt.
 deps:
@@ -32,6 +32,14 @@ build/wisp-init: wisp/runtime/init/wisp-init.c
 	mv $@.tmp $@
 
 init: build/wisp-init
+
+# The official JS SDK and a Node 24 to run it (tests/functional/test_js_sdk.py), from npm.
+tests/js/node_modules/.installed: tests/js/package.json
+	@if command -v npm >/dev/null; then \
+		cd tests/js && npm install --no-audit --no-fund --no-package-lock --loglevel=error && touch node_modules/.installed; \
+	else echo "npm not found: the JS SDK test will be skipped"; fi
+
+js: tests/js/node_modules/.installed
 
 run: install
 	$(VENV)/bin/wisp serve --data-dir $(DATA_DIR) --listen $(LISTEN)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import signal as _signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -86,20 +87,31 @@ class WsAttachment(Attachment):
 class HttpAttachment(Attachment):
     """An HTTP exec response: each frame is its own chunk (the JS reader needs that)."""
 
+    #: The JS SDK takes each read of the body as one frame, but a client's HTTP stack may
+    #: hand two chunks that arrived together to one read. Frames are therefore spaced at
+    #: least this far apart (seen merged without it: stdout + stderr, tests/js).
+    FRAME_GAP = 0.005
+
     def __init__(self, send: Send) -> None:
         super().__init__()
         self._send = send
+        self._last = 0.0
 
     async def send_info(self, info: dict[str, Any]) -> None:
         return None
 
+    async def _frame(self, body: bytes) -> None:
+        wait = self._last + self.FRAME_GAP - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        self._last = time.monotonic()
+
     async def send_output(self, stream: int, data: bytes) -> None:
-        await self._send({"type": "http.response.body", "body": bytes((stream,)) + data,
-                          "more_body": True})
+        await self._frame(bytes((stream,)) + data)
 
     async def send_exit(self, code: int) -> None:
-        await self._send({"type": "http.response.body", "body": bytes((_EXIT, code & 0xFF)),
-                          "more_body": True})
+        await self._frame(bytes((_EXIT, code & 0xFF)))
 
 
 class _HttpExecResponse(Response):
