@@ -257,7 +257,8 @@ class Sprites:
         task.add_done_callback(self._background.discard)
 
     async def _purge_unrecorded(self, sprite_id: str) -> None:
-        """Remove a sprite that never had a record (a warm one)."""
+        """Remove a sprite's runtime, mounts and files, in reverse boot order (all of a warm
+        sprite, which has no record)."""
         await self._stop(sprite_id)
         if self.volume.available:
             await asyncio.to_thread(shutil.rmtree, self.volume_dir(sprite_id), True)
@@ -376,11 +377,8 @@ class Sprites:
         self._locks.pop(row.id, None)
 
     async def _purge(self, sprite_id: str) -> None:
-        """Remove every trace of a sprite, in reverse boot order; safe to repeat."""
-        await self._stop(sprite_id)
-        if self.volume.available:
-            await asyncio.to_thread(shutil.rmtree, self.volume_dir(sprite_id), True)
-        await asyncio.to_thread(shutil.rmtree, self.sprites_run / sprite_id, True)
+        """Remove every trace of a sprite, its record last; safe to repeat."""
+        await self._purge_unrecorded(sprite_id)
         self.store.delete_sprite(sprite_id)
 
     # -- update / upgrade -----------------------------------------------------------------
@@ -450,7 +448,10 @@ class Sprites:
         except BaseException:
             await asyncio.shield(self._stop(row.id))
             raise
-        pid = int((self.runtime.bundle_dir(row.id) / "init.pid").read_text())
+        pid = self.runtime.init_pid(row.id)
+        if pid is None:
+            await asyncio.shield(self._stop(row.id))
+            raise SystemError_(f"sprite '{row.name}' stopped right after it started")
         handle = SpriteHandle(name=row.name, rootfs=rootfs,
                               agent_socket=self.runtime.agent_socket(row.id),
                               env=tuple(sorted(row.environment.items())))
@@ -470,11 +471,6 @@ class Sprites:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def stop(self, name: str) -> None:
-        row = self.row(name)
-        async with self.lock(row.id):
-            await self._stop(row.id)
-
     async def _stop(self, sprite_id: str) -> None:
         """Container, then overlay, then ext4 and its loop device. Idempotent."""
         live = self._live.pop(sprite_id, None)
@@ -491,16 +487,16 @@ class Sprites:
         Runs before the volume is mounted: containers first, then every mount below our run
         dir, then loop devices whose backing files live on the volume.
         """
-        for sprite_id in await self.runtime.list_ids():
-            await self.runtime.stop(sprite_id)
-        known = {row.id for row in self.store.all_sprites()}
-        if self.sprites_run.exists():  # warm sprites have a run dir but no record
+        # every container in our runc root, every recorded sprite, and warm sprites (which
+        # have a run dir but no record); stop also removes each one's netns
+        known = set(await self.runtime.list_ids()) | {r.id for r in self.store.all_sprites()}
+        if self.sprites_run.exists():
             known |= {d.name for d in self.sprites_run.iterdir() if d.name.startswith("sprite-")}
         for sprite_id in sorted(known):
-            await self.runtime.stop(sprite_id)  # removes its netns too
+            await self.runtime.stop(sprite_id)
         if self.sprites_run.exists():
             for point, _ in mounts_under(self.sprites_run):
-                await run("fsfreeze", "-u", point, check=False)
+                await disk.thaw(Path(point))
                 res = await run("umount", point, check=False)
                 if res.returncode != 0:
                     await run("umount", "-l", point, check=False)

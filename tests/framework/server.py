@@ -118,8 +118,3 @@ class WispServer:
             **kw: object) -> httpx.Response:
         return httpx.request(method, self.url + path, headers={**self.headers, **(headers or {})},
                              timeout=120, **kw)  # type: ignore[arg-type]
-
-    def cleanup_host(self) -> None:
-        """After a SIGKILL with no restart: start and stop once so the server tears down."""
-        self.start()
-        self.stop()

@@ -271,8 +271,3 @@ class ContainerRuntime(Runtime):
             self.agent_root.rmdir()
         except OSError:
             pass
-
-    async def leftover_netns(self) -> list[str]:
-        if not NETNS_DIR.exists():
-            return []
-        return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith("wisp-"))

@@ -8,12 +8,11 @@ they are safe to call again after a crash left things half done.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import asyncio
 import ctypes
 import fcntl
+import os
+from pathlib import Path
 
 from wisp.errors import SystemError_
 from wisp.runtime.base import ROOT_UID_BASE
@@ -66,7 +65,7 @@ async def unmount_disk(disk_dir: Path, rootfs: Path, image: Path | None = None) 
         if is_mountpoint(Path(point)):
             await run("umount", "-l", point)
     if is_mountpoint(disk_dir):
-        await run("fsfreeze", "-u", disk_dir, check=False)
+        await thaw(disk_dir)
         res = await run("umount", disk_dir, check=False)
         if res.returncode != 0 and is_mountpoint(disk_dir):
             await run("umount", "-l", disk_dir)
@@ -100,7 +99,6 @@ async def sync(disk_dir: Path) -> None:
     def syncfs() -> None:
         fd = os.open(disk_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(fd)  # flushes the directory; syncfs below does the filesystem
             _libc.syncfs(fd)
         finally:
             os.close(fd)

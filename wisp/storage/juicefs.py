@@ -56,7 +56,6 @@ class Volume:
         self._proc: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self._ready = asyncio.Event()
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -74,11 +73,6 @@ class Volume:
         return self.mount_point.joinpath(*parts)
 
     # -- lifecycle ------------------------------------------------------------------------
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.setdefault("JFS_NO_CHECK_OBJECT_STORAGE", "1")
-        return env
-
     @property
     def meta_url(self) -> str:
         """The metadata URL without its password (that travels in META_PASSWORD)."""
@@ -142,7 +136,8 @@ class Volume:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True, env=self._meta_env(self._env()))
+                start_new_session=True, env=self._meta_env({"JFS_NO_CHECK_OBJECT_STORAGE": os.environ.get(
+                    "JFS_NO_CHECK_OBJECT_STORAGE", "1")}))
         finally:
             logf.close()
         deadline = time.monotonic() + 30
@@ -154,7 +149,6 @@ class Volume:
                     await self._proc.wait()
                 raise SystemError_(f"juicefs mount failed: {tail}")
             await asyncio.sleep(0.02)
-        self._ready.set()
         log.info("juicefs mounted at %s (pid %s)", self.mount_point, self._proc.pid)
 
     async def _supervise(self) -> None:
@@ -165,7 +159,6 @@ class Volume:
             await self._proc.wait()
             if self._stopping:
                 return
-            self._ready.clear()
             log.error("juicefs exited with %s; stopping sprites and remounting",
                       self._proc.returncode)
             if self.on_lost is not None:
@@ -228,11 +221,6 @@ class Volume:
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
         self._proc = None
-        self._ready.clear()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     # -- operations -----------------------------------------------------------------------
     async def clone(self, src: Path, dst: Path) -> None:
