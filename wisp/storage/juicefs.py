@@ -61,8 +61,9 @@ class Volume:
     @property
     def available(self) -> bool:
         """Asked of the system: our child is alive and the FUSE mount is in place."""
+        # the process is asked directly: asyncio learns of its death only a loop turn later
         return (self._proc is not None and self._proc.returncode is None
-                and is_mountpoint(self.mount_point, FSTYPE))
+                and _running(self._proc.pid) and is_mountpoint(self.mount_point, FSTYPE))
 
     def require(self) -> None:
         if not self.available:
@@ -132,14 +133,21 @@ class Volume:
         if cfg.storage.writeback:
             args.append("--writeback")
         args += [self.meta_url, str(self.mount_point)]
+        env = {"JFS_NO_CHECK_OBJECT_STORAGE": os.environ.get("JFS_NO_CHECK_OBJECT_STORAGE", "1"),
+               # Serve FUSE in this one process. Left alone, `juicefs mount` forks a child
+               # that serves and restarts it on a crash while keeping the FUSE connection:
+               # every file open across that restart (each sprite's loop device) then fails
+               # with EBADF, and we would not even see it. One process means a crash ends
+               # the mount, which the supervisor below turns into a clean stop and remount.
+               "JFS_SUPERVISOR": str(os.getpid())}
         logf = open(cfg.run_dir / "juicefs.out", "ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True, env=self._meta_env({"JFS_NO_CHECK_OBJECT_STORAGE": os.environ.get(
-                    "JFS_NO_CHECK_OBJECT_STORAGE", "1")}))
+                start_new_session=True, env=self._meta_env(env))
         finally:
             logf.close()
+        _protect_from_oom(self._proc.pid)  # juicefs's own supervisor did this for itself
         deadline = time.monotonic() + 30
         while not is_mountpoint(self.mount_point, FSTYPE):
             if self._proc.returncode is not None or time.monotonic() > deadline:
@@ -231,4 +239,25 @@ class Volume:
         from wisp.storage.clone import clone
 
         self.require()
-        await clone(self.mount_point, src, dst, timeout=120)
+        try:
+            await clone(self.mount_point, src, dst, timeout=120)
+        except SystemError_:
+            self.require()  # the mount died under the clone: that is a 503, not a 500
+            raise
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _protect_from_oom(pid: int) -> None:
+    """The OOM killer should pick a sprite's process, never the daemon all disks live on."""
+    try:
+        Path(f"/proc/{pid}/oom_score_adj").write_text("-1000")
+    except OSError as exc:
+        log.warning("could not protect juicefs (pid %s) from the OOM killer: %s", pid, exc)
