@@ -125,15 +125,19 @@ class Checkpoints:
             live = sprites.disk_image(row.id)
             incoming = live.with_name("disk.img.restoring")
             incoming.unlink(missing_ok=True)
-            await sprites.volume.clone(sprites.checkpoint_image(row.id, cp.id), incoming)
-            yield event("info", "Stopping sprite...")
             try:
-                await sprites._stop(row.id)
-                os.replace(incoming, live)
+                await sprites.volume.clone(sprites.checkpoint_image(row.id, cp.id), incoming)
             except BaseException:
                 incoming.unlink(missing_ok=True)
                 raise
+            # The restore is committed by this rename, while the sprite still runs on the
+            # old image (its loop device holds the replaced file open). From here on a
+            # crash brings the sprite back restored, so the old disk's unwritten pages can
+            # be dropped instead of flushed.
+            os.replace(incoming, live)
             sprites.store.update_sprite(row.id, current_checkpoint=cp.id, updated_at=now())
+            yield event("info", "Stopping sprite...")
+            await sprites._stop(row.id, discard=True, restarting=True)
             yield event("info", "Starting sprite...")
             await sprites._start(sprites.row(row.name))
         yield event("complete", f"Restored to {cp.id}", id=cp.id)

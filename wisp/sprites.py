@@ -259,7 +259,7 @@ class Sprites:
     async def _purge_unrecorded(self, sprite_id: str) -> None:
         """Remove a sprite's runtime, mounts and files, in reverse boot order (all of a warm
         sprite, which has no record)."""
-        await self._stop(sprite_id)
+        await self._stop(sprite_id, discard=True)
         if self.volume.available:
             await asyncio.to_thread(shutil.rmtree, self.volume_dir(sprite_id), True)
         await asyncio.to_thread(shutil.rmtree, self.sprites_run / sprite_id, True)
@@ -471,14 +471,19 @@ class Sprites:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _stop(self, sprite_id: str) -> None:
-        """Container, then overlay, then ext4 and its loop device. Idempotent."""
+    async def _stop(self, sprite_id: str, *, discard: bool = False,
+                    restarting: bool = False) -> None:
+        """Container, then overlay, then ext4 and its loop device. Idempotent.
+
+        `discard`: the mounted disk will never be read again, so its unwritten pages are
+        dropped rather than flushed. `restarting`: a start follows at once; keep what
+        survives a restart (the network namespace)."""
         live = self._live.pop(sprite_id, None)
         if live is not None:
             await self.sessions.close_sprite(live.handle.name)
-        await self.runtime.stop(sprite_id)
+        await self.runtime.stop(sprite_id, keep_network=restarting)
         await disk.unmount_disk(self.disk_dir(sprite_id), self.rootfs_dir(sprite_id),
-                                self.disk_image(sprite_id))
+                                self.disk_image(sprite_id), discard=discard)
 
     # -- server start / stop --------------------------------------------------------------
     async def clear_host(self) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from wisp.errors import SystemError_
 
-__all__ = ["run", "run_sync", "mounts_under", "is_mountpoint", "pid_alive", "loop_devices_for"]
+__all__ = ["run", "run_sync", "mounts_under", "is_mountpoint", "mount_source", "pid_alive",
+           "loop_devices_for"]
 
 
 async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float = 120.0,
@@ -81,6 +82,17 @@ def mounts_under(prefix: Path) -> list[tuple[str, str]]:
                 found.append((point, fstype))
     found.sort(key=lambda m: m[0].count("/"), reverse=True)
     return found
+
+
+def mount_source(path: Path) -> str | None:
+    """The source (e.g. /dev/loop3) of the mount at exactly `path`, or None."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if _unescape(parts[4]) == real:
+                return _unescape(parts[parts.index("-") + 2])
+    return None
 
 
 def is_mountpoint(path: Path, fstype: str | None = None) -> bool:

@@ -44,6 +44,31 @@ def test_restore_rewinds_disk_and_ends_processes(sprite, server: WispServer) -> 
     assert b"sleep 1000" not in sh(sprite, "ps")
 
 
+def test_restore_drops_unwritten_pages_and_keeps_network(sprite, server: WispServer) -> None:
+    """A restore throws the old disk away unflushed: 30 MB written but not synced leave
+    nothing behind (no loop device on the replaced image, no pages in the restored one),
+    and the sprite keeps its network namespace across the restart."""
+    import os
+    import subprocess
+
+    list(sprite.create_checkpoint())
+    sprite_id = server.api("GET", f"/v1/sprites/{sprite.name}").json()["id"]
+    netns = f"wisp-{sprite_id[:24]}"
+    # what the host set up in the sprite's namespace (as egress rules will be) stays
+    subprocess.run(["ip", "-n", netns, "addr", "add", "10.254.0.1/32", "dev", "lo"], check=True)
+    sh(sprite, "head -c 30000000 /dev/urandom > /home/sprite/unsynced")
+    list(sprite.restore_checkpoint("v1"))
+    assert sh(sprite, "ls /home/sprite") == b""
+    addrs = subprocess.run(["ip", "-n", netns, "addr", "show", "lo"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "10.254.0.1/32" in addrs
+    loops = [line for line in os.popen("losetup -a").read().splitlines() if sprite_id in line]
+    assert len(loops) == 1 and "(deleted)" not in loops[0], loops
+    sh(sprite, "echo again > /home/sprite/f")  # the fresh disk is writable
+    list(sprite.restore_checkpoint("v1"))
+    assert sh(sprite, "ls /home/sprite") == b""
+
+
 def test_restore_v0_is_factory_reset(sprite) -> None:
     """v0 is the empty disk: restoring it drops everything written since create."""
     sh(sprite, "echo data > /home/sprite/file")

@@ -20,7 +20,7 @@ from wisp.errors import SystemError_
 from wisp.runtime import agent
 from wisp.runtime.base import ROOT_UID_BASE, Limits, Runtime
 from wisp.runtime.oci import make_spec
-from wisp.system import run
+from wisp.system import is_mountpoint, run
 
 __all__ = ["ContainerRuntime", "init_binary_path", "build_init"]
 
@@ -85,8 +85,11 @@ class ContainerRuntime(Runtime):
     async def _ensure_netns(self, sprite_id: str) -> Path:
         name = self.netns_name(sprite_id)
         path = NETNS_DIR / name
-        if not path.exists():
-            await run("ip", "netns", "add", name)
+        if is_mountpoint(path, "nsfs"):
+            return path  # kept from the sprite's last run, lo already up
+        if path.exists():  # a stale name left by a crash
+            await run("ip", "netns", "delete", name, check=False)
+        await run("ip", "netns", "add", name)
         await run("ip", "-n", name, "link", "set", "lo", "up")
         return path
 
@@ -251,9 +254,10 @@ class ContainerRuntime(Runtime):
             raise SystemError_(f"runc delete {sprite_id} failed: "
                                f"{res.stderr.decode(errors='replace')[-300:]}")
 
-    async def stop(self, sprite_id: str) -> None:
+    async def stop(self, sprite_id: str, *, keep_network: bool = False) -> None:
         await self._delete(sprite_id)
-        await self._remove_netns(sprite_id)
+        if not keep_network:
+            await self._remove_netns(sprite_id)
         sprite_run = self.run_dir / sprite_id
         shutil.rmtree(sprite_run / "bundle", ignore_errors=True)
         shutil.rmtree(self.agent_dir(sprite_id), ignore_errors=True)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from wisp.errors import SystemError_
 from wisp.runtime.base import ROOT_UID_BASE
-from wisp.system import is_mountpoint, loop_devices_for, mounts_under, run
+from wisp.system import is_mountpoint, loop_devices_for, mount_source, mounts_under, run
 
 __all__ = ["DISK_SIZE", "make_template", "mount_disk", "unmount_disk", "freeze", "thaw", "sync",
            "used_bytes", "measure_used"]
+
+log = logging.getLogger("wisp.storage")
 
 DISK_SIZE = "100G"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -54,12 +57,20 @@ async def mount_disk(image: Path, disk_dir: Path, lower: Path, rootfs: Path) -> 
         await run("mount", "-t", "overlay", "overlay", "-o", opts, rootfs)
 
 
-async def unmount_disk(disk_dir: Path, rootfs: Path, image: Path | None = None) -> None:
+async def unmount_disk(disk_dir: Path, rootfs: Path, image: Path | None = None, *,
+                       discard: bool = False) -> None:
     """Unmount everything at or below the overlay, then the ext4, then free its loop device.
 
     Reverse order of `mount_disk`; a frozen ext4 is thawed first (a crash mid-checkpoint can
-    leave it frozen and an unmount would hang).
+    leave it frozen and an unmount would hang). `discard` is for a disk nobody will read
+    again (replaced by a restore, or deleted): the ext4 is shut down without flushing, so
+    unmounting does not push its dirty pages through FUSE into JuiceFS first (a 30 MB
+    backlog costs ~150 ms to flush, ~15 ms to drop).
     """
+    loop = mount_source(disk_dir)
+    if discard and is_mountpoint(disk_dir, "ext4"):
+        await thaw(disk_dir)
+        await _shutdown(disk_dir)
     for point, _ in mounts_under(rootfs):
         await run("umount", point, check=False)
         if is_mountpoint(Path(point)):
@@ -69,9 +80,35 @@ async def unmount_disk(disk_dir: Path, rootfs: Path, image: Path | None = None) 
         res = await run("umount", disk_dir, check=False)
         if res.returncode != 0 and is_mountpoint(disk_dir):
             await run("umount", "-l", disk_dir)
-    if image is not None:
-        for dev in loop_devices_for(image):
-            await run("losetup", "-d", dev, check=False)
+    # the loop device is found by what was mounted as well as by path: after a restore
+    # the image it was opened on has been replaced and sysfs calls it "(deleted)"
+    devices = set(loop_devices_for(image)) if image is not None else set()
+    if loop is not None and loop.startswith("/dev/loop") and _loop_attached(loop):
+        devices.add(loop)
+    for dev in sorted(devices):
+        await run("losetup", "-d", dev, check=False)
+
+
+def _loop_attached(dev: str) -> bool:
+    return Path("/sys/block", os.path.basename(dev), "loop", "backing_file").exists()
+
+
+EXT4_IOC_SHUTDOWN = 0x8004587D           # _IOR('X', 125, __u32)
+EXT4_GOING_FLAGS_NOLOGFLUSH = 2          # drop everything not yet in the journal
+
+
+async def _shutdown(disk_dir: Path) -> None:
+    def shutdown() -> None:
+        fd = os.open(disk_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, EXT4_GOING_FLAGS_NOLOGFLUSH.to_bytes(4, "little"))
+        finally:
+            os.close(fd)
+
+    try:
+        await asyncio.to_thread(shutdown)
+    except OSError as exc:  # the unmount below still works, only slower
+        log.warning("shutting down the ext4 at %s failed: %s", disk_dir, exc)
 
 
 FIFREEZE = 0xC0045877
