@@ -190,6 +190,38 @@ def test_concurrent_clones(mnt: Path) -> None:
     assert [d.read_bytes() for d in dsts] == [b"shared"] * 8
 
 
+def test_clones_survive_forks_in_other_threads(mnt: Path) -> None:
+    """A process that forks while a clone is in flight hands each child a copy of the
+    control file's descriptor; the child's close-on-exec makes the kernel send FUSE FLUSH,
+    and JuiceFS cancels the clone (EINTR). The server forks all the time (mount, runc,
+    ip), so clones must come through anyway."""
+    import subprocess
+    import threading
+
+    src = mnt / _name("tree")
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i}").write_bytes(b"x")
+    stop = threading.Event()
+
+    def fork_constantly() -> None:
+        while not stop.is_set():
+            subprocess.run(["true"])
+
+    forkers = [threading.Thread(target=fork_constantly) for _ in range(2)]
+    for t in forkers:
+        t.start()
+    try:
+        dsts = [mnt / _name("copy") for _ in range(10)]
+        for d in dsts:
+            asyncio.run(clone(mnt, src, d))
+    finally:
+        stop.set()
+        for t in forkers:
+            t.join()
+    assert all(len(list(d.iterdir())) == 300 for d in dsts)
+
+
 # ---- attributes: the CLI's, without -p and with it -----------------------------------------
 
 def test_mode_and_owner_kept_by_default(mnt: Path) -> None:

@@ -63,6 +63,8 @@ _CONTROL_INODE = 0x7FFFFFFF00000002  # vfs.controlInode: proves we opened the re
 _KNOWN_VERSIONS = ((1, 1), (1, 4))
 #: Extra wait for a worker thread stuck in a FUSE syscall past its own deadline.
 _GRACE = 5.0
+#: Tries through the control file before the CLI takes over (see EINTR in `clone`).
+_EINTR_ATTEMPTS = 3
 _POLL_FIRST = 0.0002
 _POLL_MAX = 0.02
 
@@ -111,6 +113,24 @@ async def clone(mount_point: Path, src: Path, dst: Path, *, preserve: bool = Fal
     in the daemon.
     """
     deadline = time.monotonic() + timeout
+    for attempt in range(_EINTR_ATTEMPTS):
+        try:
+            await _clone_once(mount_point, src, dst, preserve, deadline,
+                              max(0.0, deadline - time.monotonic()))
+            return
+        except CloneError as exc:
+            # EINTR: a fork in this process closed its copy of our control file descriptor
+            # (close-on-exec), the kernel sent FUSE FLUSH, and JuiceFS cancelled the clone
+            # before committing anything. The CLI, a process of its own, cannot be hit.
+            if exc.errno != errno.EINTR or await asyncio.to_thread(os.path.lexists, dst):
+                raise
+            log.info("juicefs clone %s -> %s cancelled by a concurrent fork (attempt %d)",
+                     src, dst, attempt + 1)
+    await _clone_via_cli(src, dst, preserve, max(1.0, deadline - time.monotonic()))
+
+
+async def _clone_once(mount_point: Path, src: Path, dst: Path, preserve: bool,
+                      deadline: float, timeout: float) -> None:
     stop = threading.Event()
     worker = asyncio.ensure_future(asyncio.to_thread(
         _clone_via_control, mount_point, src, dst, preserve, deadline, stop))
