@@ -168,9 +168,13 @@ class Filesystem:
                         socket.send_fds(ctl, [setup], [fd])
                         return
                     except BlockingIOError:
-                        ready = loop.create_future()
-                        loop.add_writer(ctl.fileno(),
-                                        lambda: ready.done() or ready.set_result(None))
+                        ready: asyncio.Future[None] = loop.create_future()
+
+                        def writable(ready: asyncio.Future[None] = ready) -> None:
+                            if not ready.done():
+                                ready.set_result(None)
+
+                        loop.add_writer(ctl.fileno(), writable)
                         try:
                             await asyncio.wait_for(ready, 10)
                         finally:

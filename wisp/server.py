@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # the real imports happen in build(), keeping `wisp --help` f
     from wisp.db import Store
     from wisp.exec.sessions import SessionRegistry
     from wisp.images import ImageStore
+    from starlette.applications import Starlette
+
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -75,7 +77,7 @@ def ensure_token(config: Config) -> str:
     return token
 
 
-def build(config: Config) -> tuple[Services, object]:
+def build(config: Config) -> tuple[Services, Starlette]:
     """Make the services and the ASGI app (nothing touches the host until the lifespan)."""
     from starlette.applications import Starlette
 

@@ -364,7 +364,7 @@ class Session:
             await asyncio.wait({exited, abandon}, return_when=asyncio.FIRST_COMPLETED)
             if exited.done():
                 code = exited.result()
-                drained = asyncio.gather(*pumps, return_exceptions=True)
+                drained: asyncio.Future[Any] = asyncio.gather(*pumps, return_exceptions=True)
                 await asyncio.wait({drained, abandon}, timeout=DRAIN_MAX,
                                    return_when=asyncio.FIRST_COMPLETED)
         finally:
