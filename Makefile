@@ -44,8 +44,9 @@ js: tests/js/node_modules/.installed
 run: install
 	$(VENV)/bin/wisp serve --data-dir $(DATA_DIR) --listen $(LISTEN)
 
-# Types first: mypy --strict over the package (a few seconds warm, ~40 s cold).
+# Lint and types first: ruff (rules in pyproject.toml), mypy --strict over the package.
 check: install
+	$(VENV)/bin/ruff check wisp tests
 	$(VENV)/bin/mypy --strict wisp
 
 test: install check

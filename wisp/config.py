@@ -172,7 +172,7 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.listen = listen
     cfg.data_dir = cfg.data_dir.absolute()
     try:
-        cfg.listen_host_port
+        _ = cfg.listen_host_port
     except ValueError:
         raise BadRequest(f"listen address {cfg.listen!r} is not HOST:PORT") from None
     return cfg

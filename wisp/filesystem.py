@@ -179,7 +179,7 @@ class Filesystem:
                             await asyncio.wait_for(ready, 10)
                         finally:
                             loop.remove_writer(ctl.fileno())
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 with self._lock:  # agent died or hung: start a fresh one and retry once
                     if self._proc is not None:
                         self._proc.kill()
@@ -222,7 +222,7 @@ class Filesystem:
             reply = json.loads(payload) if kind == b"J" else None
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             reply = None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             writer.close()
             raise FsError("EIO", f"{op} {args.get('path') or args.get('source')}: timed out",
                           args.get("path") or args.get("source")) from None

@@ -56,7 +56,8 @@ import stat
 import struct
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 __all__ = ["ERRNO_CODES", "MAX_FRAME", "main"]
 

@@ -17,18 +17,17 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from wisp.config import Config, load_config
 
 if TYPE_CHECKING:  # the real imports happen in build(), keeping `wisp --help` fast
+    from starlette.applications import Starlette
+
     from wisp.checkpoints import Checkpoints
     from wisp.db import Store
     from wisp.exec.sessions import SessionRegistry
     from wisp.images import ImageStore
-    from starlette.applications import Starlette
-
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -79,7 +78,6 @@ def ensure_token(config: Config) -> str:
 
 def build(config: Config) -> tuple[Services, Starlette]:
     """Make the services and the ASGI app (nothing touches the host until the lifespan)."""
-    from starlette.applications import Starlette
 
     from wisp.api.app import build_app
     from wisp.api.fs_routes import fs_routes

@@ -32,7 +32,7 @@ async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float 
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise SystemError_(f"{args[0]} timed out after {timeout:.0f}s") from None

@@ -69,7 +69,7 @@ def sigv4_headers(method: str, url: str, access_key: str, secret_key: str,
                   now: _dt.datetime | None = None) -> dict[str, str]:
     """AWS Signature V4 headers for one S3 request (path-style URL, query in `url`)."""
     u = httpx.URL(url)
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     day = amz_date[:8]
     payload = hashlib.sha256(body).hexdigest()
@@ -119,7 +119,7 @@ class SeaweedS3:
         self.workdir = workdir
         self.access_key = access_key
         self.secret_key = secret_key
-        self.ports = dict(zip(_PORTS, _free_ports(len(_PORTS))))
+        self.ports = dict(zip(_PORTS, _free_ports(len(_PORTS)), strict=True))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "weed.log"
 

@@ -79,9 +79,8 @@ def test_hostname_and_home(sprite) -> None:
 
 def test_upgrade_keeps_disk(client, server: WispServer, sprite_factory) -> None:
     """Upgrade moves the sprite onto the newest build of its base image and keeps its files."""
-    from wisp.images import ImageStore
-
     from tests.framework.server import IMAGES_DIR
+    from wisp.images import ImageStore
 
     sprite = sprite_factory("upg")
     sprite.command("sh", "-c", "echo kept > /home/sprite/mark").output()

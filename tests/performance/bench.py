@@ -113,13 +113,13 @@ def run(bench: Bench) -> dict[str, float]:
         time.sleep(1)  # steady use: the warm pool refills between creates
         n = b.name("c")
         names.append(n)
-        samples.append(b.timed(lambda: (b.create(n), b.exec(n, "true"))))
+        samples.append(b.timed(lambda n=n: (b.create(n), b.exec(n, "true"))))
     b.record("create → first exec (1 s apart)", samples)
     burst = []
     for _ in range(SAMPLES):
         n = b.name("c")
         names.append(n)
-        burst.append(b.timed(lambda: (b.create(n), b.exec(n, "true"))))
+        burst.append(b.timed(lambda n=n: (b.create(n), b.exec(n, "true"))))
     b.record("create → first exec (back to back)", burst)
     # measure everything else on a quiet server: only the target sprite stays
     target = names[0]
@@ -146,8 +146,8 @@ def run(bench: Bench) -> dict[str, float]:
     forks = []
     for i in range(SAMPLES):
         n = f"{target}-fork{i}"
-        forks.append(b.timed(lambda: b.http.post(f"/v1/sprites/{target}/fork",
-                                                 json={"name": n}).raise_for_status()))
+        forks.append(b.timed(lambda n=n: b.http.post(f"/v1/sprites/{target}/fork",
+                                                     json={"name": n}).raise_for_status()))
         names.append(n)
     b.record("fork (live state)", forks)
 
@@ -195,12 +195,12 @@ def run(bench: Bench) -> dict[str, float]:
     for i in range(3):
         dst = store / str(i)
 
-        def checkpoint_naive() -> None:
+        def checkpoint_naive(dst: Path = dst) -> None:
             dst.mkdir(parents=True)
             subprocess.run(["cp", "-a", f"{upper}/.", str(dst)], check=True)
             subprocess.run(["sync", "-f", str(dst)], check=True)
 
-        def restore_naive() -> None:
+        def restore_naive(dst: Path = dst) -> None:
             for child in upper.iterdir():
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)

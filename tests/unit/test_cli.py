@@ -267,7 +267,7 @@ async def _pipe_program(ws: WebSocket, cmd: list[str], state: StubState) -> None
             sig = json.loads(msg["text"])["signal"]
             await ws.send_bytes(b"\x01got " + sig.encode() + b"\n")
             code = 130
-        except asyncio.TimeoutError:
+        except TimeoutError:
             code = 99
     elif prog == "lose":  # the connection drops before any exit status
         await ws.close(code=1011)
@@ -277,7 +277,7 @@ async def _pipe_program(ws: WebSocket, cmd: list[str], state: StubState) -> None
     await ws.send_bytes(bytes([3, code]))
     try:
         await asyncio.wait_for(_next(ws), timeout=2)  # the client's close
-    except (ConnectionError, asyncio.TimeoutError):
+    except (TimeoutError, ConnectionError):
         pass
 
 

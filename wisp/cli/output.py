@@ -57,7 +57,7 @@ def jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
             return value.isoformat(timespec="seconds") + "Z"
         return value.isoformat(timespec="seconds")
     return value

@@ -377,13 +377,13 @@ async def _kill_events(session: Session, signum: int, timeout: float) -> AsyncIt
         return
     try:
         code = await asyncio.wait_for(asyncio.shield(session.wait_process()), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         yield _line({"type": "timeout",
                      "message": f"Timeout after {_fmt_seconds(timeout)}, sending SIGKILL"})
         await session.signal(_signal.SIGKILL)
         try:
             code = await asyncio.wait_for(asyncio.shield(session.wait_process()), 10.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             yield _line({"type": "error", "message": "process did not exit after SIGKILL"})
             return
         yield _line({"type": "killed", "message": "Process killed"})

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from wisp.errors import Gone, SessionNotFound
@@ -64,7 +64,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def default_env(handle: SpriteHandle) -> dict[str, str]:
@@ -335,7 +335,7 @@ class Session:
         await self.proc.signal(_signal.SIGKILL)
         try:
             await asyncio.wait_for(asyncio.shield(self.proc.exited.wait()), KILL_WAIT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._abandon.set()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.finished.wait()), DRAIN_MAX + 1)
@@ -393,7 +393,7 @@ class Session:
                 return True
         try:
             await asyncio.wait_for(reader.wait_readable(), DRAIN_IDLE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

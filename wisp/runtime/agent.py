@@ -362,7 +362,7 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
         raise BadRequest(f"command and environment too large ({len(request)} bytes)")
     try:
         conn = await asyncio.wait_for(_connect(sock), _SPAWN_TIMEOUT)
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         raise SystemError_(f"cannot reach the init agent at {sock}: {e}") from None
     if len(request) > 200_000:
         # A packet must fit the send buffer; root may raise it past wmem_max.
@@ -389,7 +389,7 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
         try:
             await asyncio.wait_for(_send(conn, request, theirs), _SPAWN_TIMEOUT)
             reply, fds = await asyncio.wait_for(_recv(conn), _SPAWN_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise SystemError_("init agent did not answer the spawn request") from None
         except OSError as e:
             if e.errno == errno.EMSGSIZE:

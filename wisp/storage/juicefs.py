@@ -225,7 +225,7 @@ class Volume:
         if proc is not None and proc.returncode is None:
             try:
                 await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
         self._proc = None
