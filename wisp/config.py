@@ -16,6 +16,7 @@ engine (Redis, PostgreSQL URL) and the object store (any S3 endpoint):
     [sprites]
     image = "debian"          # base image for new sprites
     warm_pool = 1             # booted, unnamed sprites kept ready for creates
+    stop_grace = 5.0          # seconds between SIGTERM and SIGKILL when the server stops
     memory_mb = 1024
     cpus = 1.0
     pids = 2048
@@ -66,6 +67,9 @@ class Config:
     #: Sprites kept booted (disk mounted, init running) but unnamed, so a create can hand
     #: one out at once instead of booting; 0 turns it off.
     warm_pool: int = 1
+    #: When the server stops (or a sprite is upgraded), its processes get SIGTERM and this
+    #: long to exit before SIGKILL, as a computer being shut down would give them.
+    stop_grace: float = 5.0
     checkpoint_max_bytes: int = 100 * GiB
     org: str = "wisp"
     images_path: Path | None = None  # default: <data_dir>/images
@@ -144,7 +148,7 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         raise BadRequest("config: storage.storage must be 'file' or 's3'")
     if cfg.storage.storage == "s3" and not cfg.storage.bucket:
         raise BadRequest("config: storage.bucket (an S3 URL) is required with storage = 's3'")
-    for key in ("image", "memory_mb", "cpus", "pids", "warm_pool"):
+    for key in ("image", "memory_mb", "cpus", "pids", "warm_pool", "stop_grace"):
         if key in sprites:
             setattr(cfg, key, sprites[key])
     if "max_bytes" in checkpoints:
@@ -163,6 +167,8 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.image = env["WISP_IMAGE"]
     if env.get("WISP_WARM_POOL"):
         cfg.warm_pool = int(env["WISP_WARM_POOL"])
+    if env.get("WISP_STOP_GRACE"):
+        cfg.stop_grace = float(env["WISP_STOP_GRACE"])
     if env.get("WISP_CHECKPOINT_MAX_BYTES"):
         cfg.checkpoint_max_bytes = int(env["WISP_CHECKPOINT_MAX_BYTES"])
 

@@ -408,6 +408,8 @@ class Sprites:
             return row
         async with self.lock(row.id):
             was_running = row.id in self._live
+            if was_running:
+                await self.runtime.terminate([row.id], self.config.stop_grace)
             await self._stop(row.id)
             self.store.update_sprite(row.id, image_version=newest.version, updated_at=now())
             if was_running:
@@ -563,6 +565,8 @@ class Sprites:
         warm, self._warm = self._warm, []
         for w in warm:
             await self._purge_unrecorded(w.id)
+        # all at once, so that N sprites cost one grace period, not N
+        await self.runtime.terminate(list(self._live), self.config.stop_grace)
         for sprite_id in list(self._live):
             async with self.lock(sprite_id):
                 await self._stop(sprite_id)

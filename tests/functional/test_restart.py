@@ -140,6 +140,24 @@ def test_sigkill_during_restore(own_server: WispServer) -> None:
     assert sh(s, "cat /home/sprite/f") == b"old\n"
 
 
+@pytest.mark.server_env({"WISP_STOP_GRACE": "3"})
+def test_server_stop_gives_processes_sigterm_first(own_server: WispServer) -> None:
+    """A server stop is a shutdown, not a power cut: every process but init gets SIGTERM
+    and the grace period to finish (a trap writes its file), and one that ignores SIGTERM
+    is killed once the grace period is over."""
+    s = _client(own_server).create_sprite("grace")
+    sh(s, "(trap 'echo bye > /home/sprite/bye; sync; exit 0' TERM; "
+          "while :; do sleep 0.05; done) >/dev/null 2>&1 &")
+    sh(s, "(trap '' TERM; while :; do sleep 0.05; done) >/dev/null 2>&1 &")
+    started = time.monotonic()
+    own_server.stop()
+    assert time.monotonic() - started >= 3, "the server did not wait for the grace period"
+    own_server.start()
+    s = _client(own_server).sprite("grace")
+    assert sh(s, "cat /home/sprite/bye") == b"bye\n"
+    assert b"while" not in sh(s, "ps -o args")  # both loops ended with the old boot
+
+
 @pytest.mark.server_env({"WISP_WARM_POOL": "0"})  # so that every disk on the volume is counted
 def test_sigkill_during_create_leaves_nothing(own_server: WispServer) -> None:
     """A create cut short by SIGKILL leaves either a whole sprite or none at all."""

@@ -73,6 +73,11 @@ class Runtime(abc.ABC):
         restore): making one costs ~20 ms, and its addresses and rules stay as they were."""
 
     @abc.abstractmethod
+    async def terminate(self, sprite_ids: list[str], grace: float) -> None:
+        """Send SIGTERM to every process of these sprites but their init, and wait up to
+        `grace` seconds for them to exit; `stop` then kills whatever is left."""
+
+    @abc.abstractmethod
     async def pause(self, sprite_id: str) -> None:
         """Freeze every process (cgroup freezer); legal only while running."""
 

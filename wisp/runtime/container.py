@@ -9,11 +9,13 @@ nftables in it without touching the container spec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from wisp.errors import SystemError_
@@ -193,15 +195,32 @@ class ContainerRuntime(Runtime):
         events = (control.parent / "cgroup.events").read_text()
         return "frozen 1" in events
 
+    async def terminate(self, sprite_ids: list[str], grace: float) -> None:
+        # Signalled from the host through the cgroup: init (the agent) stays to the end,
+        # and a pid namespace's init would ignore a SIGTERM from outside anyway.
+        inits = {i: self.init_pid(i) for i in sprite_ids}
+        pending = [i for i in sprite_ids if inits[i] is not None]
+        for sprite_id in pending:
+            for pid in self._cgroup_pids(sprite_id):
+                if pid != inits[sprite_id]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while pending and time.monotonic() < deadline:
+            pending = [i for i in pending
+                       if set(self._cgroup_pids(i)) - {inits[i]}]
+            if pending:
+                await asyncio.sleep(0.02)
+
     @staticmethod
-    def _cgroup_busy(sprite_id: str) -> bool:
+    def _cgroup_pids(sprite_id: str) -> list[int]:
         for procs in (Path("/sys/fs/cgroup/pids/wisp") / sprite_id / "cgroup.procs",
                       Path("/sys/fs/cgroup/wisp") / sprite_id / "cgroup.procs"):
             try:
-                return bool(procs.read_text().strip())
+                return [int(p) for p in procs.read_text().split()]
             except OSError:
                 continue
-        return False
+        return []
 
     async def pause(self, sprite_id: str) -> None:
         """Freeze every process of the sprite through its cgroup freezer.
@@ -246,7 +265,7 @@ class ContainerRuntime(Runtime):
             except ProcessLookupError:
                 pass
             for _ in range(2000):
-                if self.init_pid(sprite_id) is None and not self._cgroup_busy(sprite_id):
+                if self.init_pid(sprite_id) is None and not self._cgroup_pids(sprite_id):
                     break
                 await asyncio.sleep(0.001)
         res = await run(*self._runc("delete", "--force", sprite_id), check=False, timeout=60)
