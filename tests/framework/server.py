@@ -6,7 +6,6 @@ Tests reach it only through its public API: the official SDK, raw HTTP, or the C
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from tests.framework import processes
 
 REPO = Path(__file__).resolve().parents[2]
 #: Base images are built once per machine and shared by every test server.
@@ -91,13 +92,7 @@ class WispServer:
     def stop(self, timeout: float = 120) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        processes.stop(self.proc, timeout)
         self.proc = None
 
     def kill(self) -> None:

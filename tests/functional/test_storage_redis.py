@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sprites import SpritesClient
 
+from tests.framework.processes import stop
 from tests.framework.server import WispServer, free_port
 
 PASSWORD = "redis-test-secret-4242"
@@ -47,12 +48,7 @@ def redis_url(leak_check: Path) -> Iterator[str]:
             time.sleep(0.05)
         yield f"redis://:{PASSWORD}@127.0.0.1:{port}/1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _cmdlines() -> list[str]:

@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 from tests.framework.container import BusyboxSprite, build_init, busybox_sprite
+from tests.framework.processes import stop
 from wisp.exec.sessions import CHUNK, Attachment, ExecSpec, SessionRegistry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,12 +131,7 @@ def server(sprite: BusyboxSprite) -> Iterator[Server]:
             time.sleep(0.05)
         yield Server(port, proc.pid, sprite)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture
