@@ -9,7 +9,6 @@ nftables in it without touching the container spec.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -203,14 +202,31 @@ class ContainerRuntime(Runtime):
         for sprite_id in pending:
             for pid in self._cgroup_pids(sprite_id):
                 if pid != inits[sprite_id]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM)
+                    self._signal_member(sprite_id, pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while pending and time.monotonic() < deadline:
             pending = [i for i in pending
                        if set(self._cgroup_pids(i)) - {inits[i]}]
             if pending:
                 await asyncio.sleep(0.02)
+
+    @staticmethod
+    def _signal_member(sprite_id: str, pid: int, sig: signal.Signals) -> None:
+        """Signal `pid` only while it is still a process of this sprite: through a pidfd,
+        checked against the sprite's cgroup, so a pid reused by a host process in the
+        meantime is never hit."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+            if f"/wisp/{sprite_id}\n" in cgroups:
+                signal.pidfd_send_signal(fd, sig)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _cgroup_pids(sprite_id: str) -> list[int]:
