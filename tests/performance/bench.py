@@ -143,6 +143,13 @@ def run(bench: Bench) -> dict[str, float]:
     restores = [b.timed(lambda: b.restore(target, cp)) for _ in range(SAMPLES)]
     b.record("restore (100 MB on disk)", restores)
 
+    # a restore after work that was never synced: the old disk's dirty pages are dropped
+    dirty = []
+    for _ in range(SAMPLES):
+        b.sh(target, "head -c 30000000 /dev/urandom > /home/sprite/unsynced")
+        dirty.append(b.timed(lambda: b.restore(target, cp)))
+    b.record("restore after 30 MB unsynced writes", dirty)
+
     forks = []
     for i in range(SAMPLES):
         n = f"{target}-fork{i}"
