@@ -15,7 +15,7 @@ from pathlib import Path
 from wisp.errors import SystemError_
 
 __all__ = ["run", "run_sync", "mounts_under", "is_mountpoint", "mount_source", "pid_alive",
-           "loop_devices_for"]
+           "process_running", "loop_devices_for"]
 
 
 async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float = 120.0,
@@ -101,6 +101,15 @@ def is_mountpoint(path: Path, fstype: str | None = None) -> bool:
         if point == real and (fstype is None or kind == fstype):
             return True
     return False
+
+
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped (which `pid_alive` still counts)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def pid_alive(pid: int) -> bool:

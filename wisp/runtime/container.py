@@ -21,7 +21,7 @@ from wisp.errors import SystemError_
 from wisp.runtime import agent
 from wisp.runtime.base import ROOT_UID_BASE, Limits, Runtime
 from wisp.runtime.oci import make_spec
-from wisp.system import is_mountpoint, run
+from wisp.system import is_mountpoint, process_running, run
 
 __all__ = ["ContainerRuntime", "init_binary_path", "build_init"]
 
@@ -119,10 +119,9 @@ class ContainerRuntime(Runtime):
         """Host pid of the sprite's init while it is alive (not a zombie), else None."""
         try:
             pid = int((self.bundle_dir(sprite_id) / "init.pid").read_text())
-            stat = Path(f"/proc/{pid}/stat").read_text()
         except (OSError, ValueError):
             return None
-        return None if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X") else pid
+        return pid if process_running(pid) else None
 
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
                     limits: Limits) -> None:

@@ -115,8 +115,7 @@ async def clone(mount_point: Path, src: Path, dst: Path, *, preserve: bool = Fal
     deadline = time.monotonic() + timeout
     for attempt in range(_EINTR_ATTEMPTS):
         try:
-            await _clone_once(mount_point, src, dst, preserve, deadline,
-                              max(0.0, deadline - time.monotonic()))
+            await _clone_once(mount_point, src, dst, preserve, deadline)
             return
         except CloneError as exc:
             # EINTR: a fork in this process closed its copy of our control file descriptor
@@ -130,7 +129,8 @@ async def clone(mount_point: Path, src: Path, dst: Path, *, preserve: bool = Fal
 
 
 async def _clone_once(mount_point: Path, src: Path, dst: Path, preserve: bool,
-                      deadline: float, timeout: float) -> None:
+                      deadline: float) -> None:
+    timeout = max(0.0, deadline - time.monotonic())
     stop = threading.Event()
     worker = asyncio.ensure_future(asyncio.to_thread(
         _clone_via_control, mount_point, src, dst, preserve, deadline, stop))

@@ -67,16 +67,16 @@ async def unmount_disk(disk_dir: Path, rootfs: Path, image: Path | None = None, 
     unmounting does not push its dirty pages through FUSE into JuiceFS first (a 30 MB
     backlog costs ~150 ms to flush, ~15 ms to drop).
     """
-    loop = mount_source(disk_dir)
-    if discard and is_mountpoint(disk_dir, "ext4"):
+    loop = mount_source(disk_dir)  # None: the ext4 is not mounted
+    if loop is not None:
         await thaw(disk_dir)
-        await _shutdown(disk_dir)
+        if discard:
+            await _shutdown(disk_dir)
     for point, _ in mounts_under(rootfs):
         await run("umount", point, check=False)
         if is_mountpoint(Path(point)):
             await run("umount", "-l", point)
-    if is_mountpoint(disk_dir):
-        await thaw(disk_dir)
+    if loop is not None:
         res = await run("umount", disk_dir, check=False)
         if res.returncode != 0 and is_mountpoint(disk_dir):
             await run("umount", "-l", disk_dir)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from wisp.config import Config
 from wisp.errors import StorageUnavailable, SystemError_
-from wisp.system import is_mountpoint, run, run_sync
+from wisp.system import is_mountpoint, process_running, run, run_sync
 
 __all__ = ["Volume", "juicefs_binary"]
 
@@ -63,7 +63,7 @@ class Volume:
         """Asked of the system: our child is alive and the FUSE mount is in place."""
         # the process is asked directly: asyncio learns of its death only a loop turn later
         return (self._proc is not None and self._proc.returncode is None
-                and _running(self._proc.pid) and is_mountpoint(self.mount_point, FSTYPE))
+                and process_running(self._proc.pid) and is_mountpoint(self.mount_point, FSTYPE))
 
     def require(self) -> None:
         if not self.available:
@@ -244,15 +244,6 @@ class Volume:
         except SystemError_:
             self.require()  # the mount died under the clone: that is a 503, not a 500
             raise
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _protect_from_oom(pid: int) -> None:
