@@ -516,7 +516,7 @@ class Sprites:
         """After the volume is mounted: finish or undo what a crash interrupted."""
         if not self.template.exists():
             self.template.parent.mkdir(parents=True, exist_ok=True)
-            await disk.make_template(self.template)
+            await disk.make_template(self.template, self.volume.compact)
         baseline = self.template.with_suffix(".used")
         if not baseline.exists():
             probe = self.sprites_run / ".template-probe"
@@ -526,8 +526,6 @@ class Sprites:
         if self.pool_dir.exists():  # half-made pool entries from a crash
             for tmp in self.pool_dir.glob("*.tmp"):
                 tmp.unlink(missing_ok=True)
-        self._refill_pool()
-        self._refill_warm()
         for row in self.store.all_sprites():
             if row.state in ("creating", "deleting"):
                 log.info("removing %s sprite %s left by a crash", row.state, row.name)
@@ -540,6 +538,10 @@ class Sprites:
             for entry in sprites_dir.iterdir():
                 if entry.name not in known:
                     shutil.rmtree(entry, ignore_errors=True)
+        # Only now: a warm sprite has a directory but no record, and the sweep above would
+        # take its disk from under it.
+        self._refill_pool()
+        self._refill_warm()
 
     def _clean_sprite_dir(self, row: SpriteRow) -> None:
         """Drop half-written files and checkpoint images that have no record."""

@@ -90,3 +90,54 @@ def test_redis_metadata(redis_url: str, leak_check: Path) -> None:
         assert srv.api("DELETE", "/v1/sprites/redis-meta").status_code == 204
     finally:
         srv.stop()
+
+
+def test_template_clones_survive_background_compaction(redis_url: str, leak_check: Path) -> None:
+    """Every sprite disk is a clone of the template. With Redis metadata, JuiceFS 1.4's
+    clone does not watch the source's chunk lists, so a background compaction of the
+    template (triggered by its first read) that commits during a clone leaves the clone
+    pointing at slices the compaction deletes: the disk reads EIO ("can't read superblock",
+    the flaky `make test` of the hardening issue). A template made by `make_template` is
+    compacted before it is published, so reading it while cloning it in a burst leaves
+    every clone readable. Fails when `make_template` skips the compaction."""
+    import asyncio
+
+    from wisp.config import load_config
+    from wisp.storage import disk
+    from wisp.storage.juicefs import Volume
+
+    cfg = load_config(data_dir=leak_check / "redis-compact")
+    cfg.storage.metadata = redis_url
+    volume = Volume(cfg)
+
+    async def scenario() -> list[str]:
+        broken: list[str] = []
+        await volume.start()
+        try:
+            volume.path("t").mkdir()
+            for round_ in range(4):
+                template = volume.path("t", f"template-{round_}.img")
+                await disk.make_template(template, volume.compact)
+
+                def first_read(path: Path = template) -> None:
+                    with open(path, "rb") as f:  # the read that triggers a compaction
+                        f.read(1 << 20)
+
+                reader = asyncio.create_task(asyncio.to_thread(first_read))
+                clones = [volume.path("t", f"clone-{round_}-{i}.img") for i in range(8)]
+                for clone in clones:
+                    await volume.clone(template, clone)
+                await reader
+                await asyncio.sleep(1.0)  # let any compaction finish and delete
+                for clone in clones:
+                    try:
+                        with open(clone, "rb") as f:
+                            f.read(5 << 20)  # the first chunk: superblock, descriptors
+                    except OSError as exc:
+                        broken.append(f"{clone.name}: {exc}")
+        finally:
+            await volume.stop()
+        return broken
+
+    broken = asyncio.run(scenario())
+    assert not broken, f"clones of the template lost data: {broken}"

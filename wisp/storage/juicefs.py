@@ -231,6 +231,13 @@ class Volume:
         self._proc = None
 
     # -- operations -----------------------------------------------------------------------
+    async def compact(self, path: Path) -> None:
+        """Merge the slices of every chunk of `path` now, and wait for it (`juicefs
+        compact`): a file that is cloned often, and never written, should not be compacted
+        later in the background while a clone of it runs."""
+        self.require()
+        await run(self.bin, "compact", path, timeout=600)
+
     async def clone(self, src: Path, dst: Path) -> None:
         """Copy-on-write copy of a file inside the volume: metadata only, no data moves.
 
