@@ -42,13 +42,13 @@ __all__ = ["Sprites", "NAME_RE", "validate_name"]
 
 log = logging.getLogger("wisp.sprites")
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 TEMPLATE = "empty-v1.img"
 ENV_VERSION = "wisp-0.1.0"
 
 
 def validate_name(name: object) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidName(
             f"invalid sprite name {name!r}: use 1-63 lowercase letters, digits and '-', "
             "starting with a letter or digit")

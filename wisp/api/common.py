@@ -13,7 +13,8 @@ from starlette.responses import StreamingResponse
 
 from wisp.errors import BadRequest, PayloadTooLarge, WispError
 
-__all__ = ["json_body", "query_int", "query_bool", "ndjson", "MAX_JSON_BYTES"]
+__all__ = ["json_body", "parse_json_object", "query_int", "query_bool", "ndjson",
+           "MAX_JSON_BYTES"]
 
 log = logging.getLogger("wisp.api")
 
@@ -32,15 +33,25 @@ async def json_body(request: Request, max_bytes: int = MAX_JSON_BYTES) -> dict[s
         if size > max_bytes:
             raise PayloadTooLarge(f"request body is larger than {max_bytes} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return parse_json_object(b"".join(chunks))
+
+
+def parse_json_object(raw: bytes | str, what: str = "request body") -> dict[str, Any]:
+    """A JSON object from `raw`; `{}` when it is empty. Anything else is a `BadRequest`.
+
+    Nesting deeper than the interpreter's recursion limit (~1000 levels, a few KB of `[`)
+    makes the decoder raise RecursionError: that is bad input too, not a server error.
+    """
     if not raw.strip():
         return {}
     try:
         value = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise BadRequest(f"{what} must be a JSON object")
     return value
 
 
@@ -79,10 +90,13 @@ def ndjson(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
             async for item in events:
                 await queue.put(item)
         except WispError as exc:
-            await queue.put({"type": "error", "error": exc.message, "code": exc.code})
-        except Exception as exc:  # reported on the stream, logged with its traceback here
+            if exc.status >= 500:
+                log.warning("streamed operation failed: %s", exc.message)
+            await queue.put({"type": "error", "error": exc.public_message, "code": exc.code})
+        except Exception:  # logged with its traceback here, never sent
             log.exception("streamed operation failed")
-            await queue.put({"type": "error", "error": f"internal error: {exc}"})
+            await queue.put({"type": "error", "error": "internal server error",
+                             "code": "internal_error"})
         finally:
             await queue.put(None)
 

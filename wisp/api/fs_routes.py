@@ -17,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from wisp.errors import FsError
+from wisp.api.common import parse_json_object
+from wisp.errors import BadRequest, FsError
 from wisp.filesystem import MAX_WRITE_BYTES, Filesystem, resolve_path
 from wisp.runtime.base import SpriteHandle
 
@@ -118,15 +119,10 @@ async def _body(request: Request) -> dict[str, Any]:
         raw += chunk
         if len(raw) > MAX_JSON_BYTES:
             raise FsError("EINVAL", f"request body is larger than {MAX_JSON_BYTES} bytes")
-    if not raw.strip():
-        return {}
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FsError("EINVAL", f"request body is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise FsError("EINVAL", "request body must be a JSON object")
-    return value
+        return parse_json_object(bytes(raw))
+    except BadRequest as exc:
+        raise FsError("EINVAL", exc.message) from None
 
 
 def _path(params: Any, handle: SpriteHandle, key: str = "path") -> str:

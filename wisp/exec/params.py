@@ -130,6 +130,8 @@ def parse_exec_query(q: QueryLike, *, force_tty: bool | None = None) -> ExecSpec
     path = q.get("path") or None
     if not argv:
         argv = (path or "bash",)
+    if not (path or argv[0]):
+        raise BadRequest("the program to run is empty: give cmd (or path) a name")
     tty = _bool(q.get("tty")) or False
     if force_tty is not None:
         tty = force_tty

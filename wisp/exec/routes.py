@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import signal as _signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +23,8 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from wisp.errors import BadRequest, NotFound, PayloadTooLarge, SystemError_, WispError
+from wisp.api.common import parse_json_object
+from wisp.errors import NotFound, PayloadTooLarge, WispError
 from wisp.exec.params import parse_duration, parse_exec_query, parse_signal, signal_name
 from wisp.exec.sessions import Attachment, Session, SessionRegistry
 from wisp.runtime.base import SpriteHandle
@@ -30,6 +32,8 @@ from wisp.runtime.base import SpriteHandle
 __all__ = ["exec_routes", "Resolve", "HTTP_EXEC_MAX_STDIN", "WsAttachment", "HttpAttachment"]
 
 Resolve = Callable[[str], Awaitable[SpriteHandle]]
+
+log = logging.getLogger("wisp.exec")
 
 #: Largest stdin body accepted by HTTP exec (contract §2.9).
 HTTP_EXEC_MAX_STDIN = 10 * 1024 * 1024
@@ -42,9 +46,13 @@ _background: set[asyncio.Task[None]] = set()
 
 
 def _as_wisp_error(exc: Exception) -> WispError:
+    """The reply for a failure before a response started. An unexpected exception is
+    logged with its traceback here and answered with a bare 500: its text may name host
+    paths or internals, so it never reaches the client."""
     if isinstance(exc, WispError):
         return exc
-    return SystemError_(f"{type(exc).__name__}: {exc}")
+    log.error("unexpected error in an exec endpoint", exc_info=exc)
+    return WispError("internal server error")
 
 
 def _error_response(err: WispError) -> JSONResponse:
@@ -283,7 +291,7 @@ class _ExecApi:
     async def _on_text(self, session: Session, text: str) -> None:
         try:
             msg = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if not isinstance(msg, dict):
             return
@@ -312,16 +320,7 @@ class _ExecApi:
     async def kill(self, request: Request) -> Response:
         name, sid = request.path_params["name"], request.path_params["sid"]
         try:
-            body: dict[str, Any] = {}
-            raw = await request.body()
-            if raw.strip():
-                try:
-                    parsed = json.loads(raw)
-                except ValueError:
-                    parsed = None
-                if not isinstance(parsed, dict):
-                    raise BadRequest("kill body must be a JSON object")
-                body = parsed
+            body = parse_json_object(await request.body(), "kill body")
             q = request.query_params
             signum = parse_signal(q.get("signal") or body.get("signal"))
             timeout = parse_duration(q.get("timeout") or body.get("timeout"), 10.0)
