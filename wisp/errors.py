@@ -15,12 +15,16 @@ contract error body (docs/sprites-api.md §1.2).
     ├── PayloadTooLarge             413  payload_too_large
     ├── QuotaExceeded               507  checkpoint_quota_exceeded
     ├── StorageUnavailable          503  storage_unavailable (JuiceFS is down)
+    ├── SpriteUnresponsive          503  sprite_unresponsive (its init agent does not answer)
     └── SystemError_                500  system_error    (a host command failed)
 
     FsError (separate: the /fs/* body shape {"error","code","path"})
 
 Lower layers raise these (or `SystemError_` from `wisp.system.run`), the API turns them into
-bodies in one place (`wisp.api.app`), so nothing crosses the wire as a traceback.
+bodies in one place (`wisp.api.app`), so nothing crosses the wire as a traceback. A reply
+carries `public_message`: for most errors that is the message itself, but a
+`SystemError_`'s message (a command line, its stderr, host paths) goes only to the server
+log, and the client is told which step failed.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "PayloadTooLarge",
     "QuotaExceeded",
     "StorageUnavailable",
+    "SpriteUnresponsive",
     "SystemError_",
     "FsError",
     "FS_STATUS",
@@ -60,8 +65,13 @@ class WispError(Exception):
         self.message = message
         self.extra = extra
 
+    @property
+    def public_message(self) -> str:
+        """What a client is told; `message` may say more, for the log."""
+        return self.message
+
     def body(self) -> dict[str, Any]:
-        return {"error": self.code, "message": self.message, **self.extra}
+        return {"error": self.code, "message": self.public_message, **self.extra}
 
 
 class BadRequest(WispError):
@@ -153,11 +163,30 @@ class StorageUnavailable(WispError):
     code = "storage_unavailable"
 
 
+class SpriteUnresponsive(WispError):
+    """The sprite runs but its init agent cannot start a process (it does not answer, or
+    cannot fork). `POST /v1/sprites/{name}/restart` is the way out; the message says so."""
+
+    status = 503
+    code = "sprite_unresponsive"
+
+
 class SystemError_(WispError):
-    """A host command (runc, mount, juicefs, mkfs) failed; the message names it."""
+    """A host command or operation (runc, mount, juicefs, mkfs) failed.
+
+    `message` is for the server log: the command line, its stderr, host paths. Clients get
+    `public`, which names the step that failed and nothing of the host."""
 
     status = 500
     code = "system_error"
+
+    def __init__(self, message: str, *, public: str | None = None, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.public = public or "a host operation failed (details are in the server log)"
+
+    @property
+    def public_message(self) -> str:
+        return self.public
 
 
 # errno name -> HTTP status for the filesystem API (contract §1.2 b)

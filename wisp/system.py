@@ -8,6 +8,7 @@ so that a start after a crash sees exactly what the crash left behind.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import subprocess
 from pathlib import Path
@@ -15,12 +16,15 @@ from pathlib import Path
 from wisp.errors import SystemError_
 
 __all__ = ["run", "run_sync", "mounts_under", "is_mountpoint", "mount_source", "pid_alive",
-           "process_running", "loop_devices_for"]
+           "process_running", "loop_devices_for", "mount_tmpfs", "unmount"]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 
 
 async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float = 120.0,
-              input: bytes | None = None,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+              input: bytes | None = None, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run a command without a shell; on failure raise `SystemError_` naming it and its stderr."""
     args = [os.fspath(a) for a in argv]
     proc = await asyncio.create_subprocess_exec(
@@ -29,13 +33,15 @@ async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        cwd=cwd,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise SystemError_(f"{args[0]} timed out after {timeout:.0f}s") from None
+        raise SystemError_(f"{' '.join(args[:3])} timed out after {timeout:.0f}s",
+                           public=f"{_step(args)} timed out") from None
     except BaseException:  # cancelled: never leave the child running behind our back
         if proc.returncode is None:
             proc.kill()
@@ -43,11 +49,20 @@ async def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float 
         raise
     result = subprocess.CompletedProcess(args, proc.returncode or 0, out, err)
     if check and proc.returncode != 0:
-        raise SystemError_(
-            f"{' '.join(args[:3])} failed (exit {proc.returncode}): "
-            f"{err.decode(errors='replace').strip()[-500:]}"
-        )
+        raise _failed(args, proc.returncode or 0, err)
     return result
+
+
+def _step(args: list[str]) -> str:
+    """The command as a client may see it: the program's name, never its path or args."""
+    return os.path.basename(args[0]) if args else "a command"
+
+
+def _failed(args: list[str], code: int, stderr: bytes) -> SystemError_:
+    return SystemError_(
+        f"{' '.join(args[:3])} failed (exit {code}): "
+        f"{stderr.decode(errors='replace').strip()[-500:]}",
+        public=f"{_step(args)} failed (exit {code})")
 
 
 def run_sync(*argv: str | os.PathLike[str], check: bool = True,
@@ -56,10 +71,7 @@ def run_sync(*argv: str | os.PathLike[str], check: bool = True,
     args = [os.fspath(a) for a in argv]
     result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise SystemError_(
-            f"{' '.join(args[:3])} failed (exit {result.returncode}): "
-            f"{result.stderr.decode(errors='replace').strip()[-500:]}"
-        )
+        raise _failed(args, result.returncode, result.stderr)
     return result
 
 
@@ -137,3 +149,20 @@ def loop_devices_for(backing_prefix: Path) -> list[str]:
         if target == base or target.startswith(base.rstrip("/") + "/"):
             devices.append("/dev/" + entry.name)
     return devices
+
+
+def mount_tmpfs(target: Path, options: str, source: str = "wisp") -> None:
+    """mount(2) a tmpfs (nosuid, nodev) at `target`: a syscall, not a `mount` process."""
+    if _libc.mount(source.encode(), os.fsencode(target), b"tmpfs", MS_NOSUID | MS_NODEV,
+                   options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise SystemError_(f"mounting a tmpfs at {target}: {os.strerror(err)}",
+                           public=f"mounting a tmpfs failed: {os.strerror(err)}")
+
+
+def unmount(target: Path) -> None:
+    """umount2(2) `target`, lazily if it is busy; nothing if it is not a mount point."""
+    if not is_mountpoint(target):
+        return
+    if _libc.umount2(os.fsencode(target), 0) != 0 and is_mountpoint(target):
+        _libc.umount2(os.fsencode(target), MNT_DETACH)
