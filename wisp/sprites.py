@@ -416,6 +416,29 @@ class Sprites:
                 await self._start(self.row(name))
         return self.row(name)
 
+    async def restart(self, name: str) -> SpriteRow:
+        """End every process of the sprite and start it again; its disk is kept.
+
+        The way back for a sprite its own processes wedged (a fork bomb, a hung agent): the
+        processes get SIGTERM and `stop_grace` seconds, then the container is killed as a
+        whole, which needs nothing from inside the sprite. A cold sprite just starts."""
+        row = self.row(name)
+        async with self.lock(row.id):
+            row = self._same(row)
+            if row.id in self._live:
+                await self.runtime.terminate([row.id], self.config.stop_grace)
+            await self._stop(row.id, restarting=True)
+            await self._start(row)
+        return row
+
+    def _same(self, row: SpriteRow) -> SpriteRow:
+        """`row` read again, for a caller that waited for the sprite's lock: the sprite may
+        have been deleted meanwhile (and its name even taken by a new one)."""
+        current = self.store.sprite_by_name(row.name)
+        if current is None or current.id != row.id or current.state != "ready":
+            raise SpriteNotFound(row.name)
+        return current
+
     # -- run / stop -----------------------------------------------------------------------
     async def handle(self, name: str) -> SpriteHandle:
         """The running sprite, woken first if it is cold (requests wait, never fail)."""

@@ -1,7 +1,12 @@
-"""What a test run must not leave behind: read from the kernel, not from Wisp."""
+"""What a test run must not leave behind: read from the kernel, not from Wisp.
+
+Host objects outside the test's base dir (network namespaces, /run/wisp) are matched by
+the tag of the servers that ran below it, so another test run on the same host (or a
+server of a developer) never counts as a leak of this one."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -54,19 +59,46 @@ def _processes_mentioning(base: str) -> list[str]:
     return found
 
 
-def _netns() -> list[str]:
+def _server_tags(base: str) -> set[str]:
+    """The host-object tag (`ContainerRuntime.tag`) of every server whose data dir is below
+    `base`: what their network namespaces and /run/wisp dirs are named by."""
+    candidates = [Path(base)]
+    for d in (Path(base), *Path(base).iterdir()) if Path(base).is_dir() else ():
+        if d.is_dir() and not os.path.ismount(d):
+            candidates += [c for c in d.iterdir() if c.is_dir() and not os.path.ismount(c)]
+    return {hashlib.sha1(str((c / "run" / "sprites").resolve()).encode()).hexdigest()[:10]
+            for c in candidates if (c / "run").is_dir()}
+
+
+def _netns(tags: set[str]) -> list[str]:
     d = Path("/run/netns")
-    return sorted(p.name for p in d.iterdir() if p.name.startswith("wisp-")) if d.exists() else []
+    if not d.exists():
+        return []
+    return sorted(p.name for p in d.iterdir()
+                  if p.name.startswith("wisp-") and p.name.split("-")[1] in tags)
+
+
+def _boot_dirs(tags: set[str]) -> list[str]:
+    """/run/wisp/<tag> dirs (each sprite's boot tmpfs lives below one) and mounts there."""
+    found = []
+    for tag in tags:
+        root = Path("/run/wisp") / tag
+        found += _mounts_under(str(root))
+        if root.exists():
+            found.append(str(root))
+    return found
 
 
 def leaks(base: Path) -> dict[str, list[str]]:
     """Every mount, loop device, runc container and process tied to `base`, plus any wisp
     network namespace on the host. Empty lists everywhere means a clean host."""
     b = os.path.realpath(base)
+    tags = _server_tags(b)
     return {
         "mounts": _mounts_under(b),
         "loop devices": _loops_under(b),
         "runc containers": _runc_containers(b),
         "processes": _processes_mentioning(b),
-        "network namespaces": _netns(),
+        "network namespaces": _netns(tags),
+        "boot dirs": _boot_dirs(tags),
     }

@@ -71,15 +71,28 @@ def test_processes_are_unprivileged_on_host(sprite, server: WispServer) -> None:
 
 
 def test_cgroup_limits_applied(sprite, server: WispServer) -> None:
-    """Memory, CPU and pids limits are set on the sprite's cgroup (read from the host)."""
+    """Memory, CPU and pids limits are set on the sprite's cgroups (read from the host): on
+    cgroup v1 the configured limits bind the workload cgroup that every exec'd process is
+    in, and the sprite's own cgroup (the init agent's) adds only a small reserve."""
     sprite_id = server.api("GET", f"/v1/sprites/{sprite.name}").json()["id"]
-    sh(sprite, "true")
+    assert sh(sprite, "true")[0] == 0
     v1 = Path("/sys/fs/cgroup/memory/wisp") / sprite_id
     if v1.exists():
-        assert int((v1 / "memory.limit_in_bytes").read_text()) == 1024 << 20
-        assert (Path("/sys/fs/cgroup/pids/wisp") / sprite_id / "pids.max").read_text().strip() == "2048"
+        pids = Path("/sys/fs/cgroup/pids/wisp") / sprite_id
+        assert int((v1 / "workload" / "memory.limit_in_bytes").read_text()) == 1024 << 20
+        assert (pids / "workload" / "pids.max").read_text().strip() == "2048"
+        assert int((v1 / "memory.limit_in_bytes").read_text()) == (1024 + 64) << 20
+        assert (pids / "pids.max").read_text().strip() == str(2048 + 32)
         quota = Path("/sys/fs/cgroup/cpu/wisp") / sprite_id / "cpu.cfs_quota_us"
         assert int(quota.read_text()) == 100000
+        # a process started by exec is in the workload cgroup of every limiting hierarchy;
+        # the sprite's own cgroup holds the init agent alone
+        sh(sprite, "sleep 31338 >/dev/null 2>&1 &")
+        for controller in ("pids", "memory", "cpu"):
+            cgroup = Path("/sys/fs/cgroup") / controller / "wisp" / sprite_id
+            assert len((cgroup / "cgroup.procs").read_text().split()) == 1, controller
+            assert (cgroup / "workload" / "cgroup.procs").read_text().split(), controller
+        sh(sprite, "pkill -f 'sleep 31338' || kill $(pidof sleep)")
     else:
         v2 = Path("/sys/fs/cgroup/wisp") / sprite_id
         assert (v2 / "memory.max").read_text().strip() == str(1024 << 20)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.framework.container import BusyboxSprite, build_init, busybox_sprite
-from wisp.errors import BadRequest, SystemError_
+from wisp.errors import BadRequest, SpriteUnresponsive, SystemError_
 from wisp.runtime import agent
 from wisp.runtime.agent import AgentProcess
 from wisp.runtime.base import ROOT_UID_BASE, SpriteHandle
@@ -297,11 +297,14 @@ def test_wait_ready(sprite: BusyboxSprite, tmp_path: Path) -> None:
     assert time.monotonic() - start < 2
 
 
-def test_spawn_on_a_dead_socket_is_a_system_error(tmp_path: Path) -> None:
-    """No agent behind the path: SystemError_ (the API answers 500), not a traceback."""
+def test_spawn_on_a_dead_socket_is_sprite_unresponsive(tmp_path: Path) -> None:
+    """No agent behind the path: SpriteUnresponsive (503, the reply names the restart
+    endpoint and no host path), not a traceback."""
     bogus = SpriteHandle(name="x", rootfs=tmp_path, agent_socket=tmp_path / "agent.sock")
-    with pytest.raises(SystemError_):
+    with pytest.raises(SpriteUnresponsive) as err:
         asyncio.run(_run(bogus, ["true"]))
+    assert err.value.status == 503 and "restart" in err.value.public_message
+    assert str(tmp_path) not in err.value.public_message
 
 
 def test_sigterm_stops_everything_and_lost_agent_reports_137(init_bin: Path) -> None:

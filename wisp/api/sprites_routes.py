@@ -104,6 +104,11 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
         row = await sprites.upgrade(request.path_params["name"])
         return JSONResponse(sprites.to_json(row))
 
+    async def restart(request: Request) -> Response:
+        row = await sprites.restart(request.path_params["name"])
+        return JSONResponse({"sprite_name": row.name, "machine_id": row.id,
+                             "message": f"sprite '{row.name}' restarted"})
+
     async def fork(request: Request) -> Response:
         body = await json_body(request)
         source = sprites.row(request.path_params["name"])
@@ -150,6 +155,7 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
         Route("/v1/sprites/{name}", update, methods=["PUT"]),
         Route("/v1/sprites/{name}", delete, methods=["DELETE"]),
         Route("/v1/sprites/{name}/upgrade", upgrade, methods=["POST"]),
+        Route("/v1/sprites/{name}/restart", restart, methods=["POST"]),
         Route("/v1/sprites/{name}/fork", fork, methods=["POST"]),
         Route("/v1/sprites/{name}/checkpoint", checkpoint_create, methods=["POST"]),
         Route("/v1/sprites/{name}/checkpoints", checkpoint_list, methods=["GET"]),

@@ -23,7 +23,7 @@ import termios
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from wisp.errors import BadRequest, SystemError_
+from wisp.errors import BadRequest, SpriteUnresponsive, SystemError_
 
 __all__ = [
     "AgentProcess",
@@ -32,6 +32,7 @@ __all__ = [
     "MAX_REQUEST",
     "AGENT_LOST_EXIT",
     "wait_ready",
+    "join_cgroups",
     "spawn",
 ]
 
@@ -40,6 +41,11 @@ MAX_REQUEST = 1 << 20
 #: Exit status reported when the agent connection drops before an exit (the sprite stopped).
 AGENT_LOST_EXIT = 137
 _SPAWN_TIMEOUT = 10.0
+#: How long a spawn may wait for the agent's answer. Short enough that the client gets a
+#: reply before its own handshake timeout (10 s in the Python SDK's WebSocket open).
+ANSWER_TIMEOUT = 5.0
+_RESTART_HINT = ("; restarting the sprite (POST /v1/sprites/<name>/restart, `wisp restart`) "
+                 "ends every process and keeps its disk")
 
 
 class _Waiter:
@@ -314,8 +320,36 @@ async def wait_ready(sock: Path, timeout: float) -> None:
             s.close()
             return
         if loop.time() >= deadline:
-            raise SystemError_(f"init agent at {sock} not ready after {timeout:.1f}s: {last}")
+            raise SystemError_(f"init agent at {sock} not ready after {timeout:.1f}s: {last}",
+                               public="the sprite's init agent did not start")
         await asyncio.sleep(0.005)
+
+
+async def join_cgroups(sock: Path, procs_files: Sequence[Path]) -> None:
+    """Hand the agent the `cgroup.procs` files every spawned process must join (opened
+    here, by host root, which is what lets the process move itself in: the kernel checks
+    the opener's credentials). Raises `SystemError_` if the agent does not take them."""
+    fds: list[int] = []
+    try:
+        for path in procs_files:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        conn = await asyncio.wait_for(_connect(sock), _SPAWN_TIMEOUT)
+        try:
+            await asyncio.wait_for(_send(conn, b"cgroups\0", fds), _SPAWN_TIMEOUT)
+            reply, extra = await asyncio.wait_for(_recv(conn), _SPAWN_TIMEOUT)
+            for fd in extra:
+                os.close(fd)
+        finally:
+            conn.close()
+    except (OSError, TimeoutError) as e:
+        raise SystemError_(f"handing workload cgroups to the init agent at {sock}: {e}",
+                           public="the sprite's init agent did not start") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if reply != b"ok":
+        raise SystemError_(f"the init agent refused its workload cgroups: {reply[:100]!r}",
+                           public="the sprite's init agent did not start")
 
 
 def _encode_request(argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: int, gid: int,
@@ -348,6 +382,21 @@ def _encode_request(argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: 
     return b"\0".join(fields) + b"\0"
 
 
+def _refusal(reply: bytes) -> Exception:
+    """The error for an agent's `error MESSAGE` (or a dropped connection). Its messages
+    are fixed strings and strerror texts from wisp-init, never host paths."""
+    if not reply:
+        return SpriteUnresponsive("the sprite's init agent closed the connection"
+                                  + _RESTART_HINT)
+    msg = reply[6:].decode(errors="replace") if reply.startswith(b"error ") else ""
+    if msg.startswith(("fork:", "pty:")):
+        # The workload cannot hold one more process (pids or memory limit, or ptys).
+        return SpriteUnresponsive(f"the sprite cannot start a process ({msg}); its "
+                                  "process or memory limit is reached" + _RESTART_HINT)
+    return SystemError_(f"init agent refused the spawn: {msg or repr(reply[:100])}",
+                        public="the sprite's init agent refused the request")
+
+
 async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: str, uid: int,
                 gid: int, groups: Sequence[int], tty: bool, rows: int = 24, cols: int = 80,
                 stdin: bool = True, path: str | None = None) -> AgentProcess:
@@ -361,9 +410,10 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
     if len(request) > MAX_REQUEST:
         raise BadRequest(f"command and environment too large ({len(request)} bytes)")
     try:
-        conn = await asyncio.wait_for(_connect(sock), _SPAWN_TIMEOUT)
-    except (TimeoutError, OSError) as e:
-        raise SystemError_(f"cannot reach the init agent at {sock}: {e}") from None
+        conn = await asyncio.wait_for(_connect(sock), ANSWER_TIMEOUT)
+    except (TimeoutError, OSError):
+        raise SpriteUnresponsive("the sprite's init agent cannot be reached"
+                                 + _RESTART_HINT) from None
     if len(request) > 200_000:
         # A packet must fit the send buffer; root may raise it past wmem_max.
         for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
@@ -387,14 +437,16 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
                 mine.append(r)
                 theirs.append(w)
         try:
-            await asyncio.wait_for(_send(conn, request, theirs), _SPAWN_TIMEOUT)
-            reply, fds = await asyncio.wait_for(_recv(conn), _SPAWN_TIMEOUT)
+            await asyncio.wait_for(_send(conn, request, theirs), ANSWER_TIMEOUT)
+            reply, fds = await asyncio.wait_for(_recv(conn), ANSWER_TIMEOUT)
         except TimeoutError:
-            raise SystemError_("init agent did not answer the spawn request") from None
+            raise SpriteUnresponsive(f"the sprite's init agent did not answer within "
+                                     f"{ANSWER_TIMEOUT:g} s" + _RESTART_HINT) from None
         except OSError as e:
             if e.errno == errno.EMSGSIZE:
                 raise BadRequest("command and environment too large") from None
-            raise SystemError_(f"init agent spawn failed: {e}") from None
+            raise SpriteUnresponsive("the sprite's init agent dropped the request"
+                                     + _RESTART_HINT) from None
         finally:
             for fd in theirs:
                 os.close(fd)
@@ -402,15 +454,14 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
         if not reply.startswith(b"pid "):
             for fd in fds:
                 os.close(fd)
-            msg = reply[6:].decode(errors="replace") if reply.startswith(b"error ") else (
-                "connection closed" if not reply else repr(reply[:100]))
-            raise SystemError_(f"init agent refused the spawn: {msg}")
+            raise _refusal(reply)
         try:
             pid = int(reply[4:])
         except ValueError:
             for fd in fds:
                 os.close(fd)
-            raise SystemError_(f"init agent sent a bad reply: {reply[:100]!r}") from None
+            raise SystemError_(f"init agent sent a bad reply: {reply[:100]!r}",
+                               public="the sprite's init agent sent a bad reply") from None
         if tty:
             if len(fds) != 1:
                 for fd in fds:

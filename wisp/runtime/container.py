@@ -1,9 +1,15 @@
 """The container runtime: each running sprite is a runc container whose PID 1 is wisp-init.
 
 Only this module speaks runc. Every sprite gets a network namespace made by the host
-(`ip netns add wisp-<id>`, loopback up): it is owned by the host user namespace, so root in
-the sprite cannot reconfigure it, and the egress-policy work can later put a veth pair and
-nftables in it without touching the container spec.
+(`ip netns add wisp-<server tag>-<id>`, loopback up): it is owned by the host user namespace,
+so root in the sprite cannot reconfigure it, and the egress-policy work can later put a veth
+pair and nftables in it without touching the container spec.
+
+What the host lends a sprite (the init binary, /etc/hosts, the agent's socket directory)
+lives on a small tmpfs of its own, its "boot" dir (`/run/wisp/<server tag>/<id>`): bound
+into the sprite from there, the sprite's /proc/self/mountinfo names only `/init`, `/hosts`
+and `/run`, never a host path, and root in the sprite can fill its socket directory only up
+to the tmpfs's size.
 """
 
 from __future__ import annotations
@@ -21,11 +27,20 @@ from wisp.errors import SystemError_
 from wisp.runtime import agent
 from wisp.runtime.base import ROOT_UID_BASE, Limits, Runtime
 from wisp.runtime.oci import make_spec
-from wisp.system import is_mountpoint, process_running, run
+from wisp.system import is_mountpoint, mount_tmpfs, mounts_under, process_running, run, unmount
 
 __all__ = ["ContainerRuntime", "init_binary_path", "build_init"]
 
 NETNS_DIR = Path("/run/netns")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: The cgroup, below the sprite's own, that every process the agent starts joins. The
+#: sprite's cgroup holds the agent and is the workload's limits plus these reserves, so a
+#: sprite whose processes exhausted their pids or memory can still be reached: the agent
+#: forks in the reserve and the child moves into the full workload cgroup (the kernel
+#: charges a migration past the limit), e.g. to run `kill -9 -1`.
+WORKLOAD = "workload"
+RESERVE_PIDS = 32
+RESERVE_MEMORY_MB = 64
 
 
 def init_binary_path() -> Path:
@@ -63,25 +78,45 @@ class ContainerRuntime(Runtime):
         self.run_dir = run_dir
         # Unix socket paths are limited to 108 bytes, so agent sockets live under a short
         # host path (one per server, derived from its run dir) rather than the data dir.
-        digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
-        self.agent_root = agent_root or Path("/run/wisp") / digest
+        #: Names this server's host objects (boot dirs, network namespaces) apart from
+        #: another server's on the same host.
+        self.tag = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
+        self.agent_root = agent_root or Path("/run/wisp") / self.tag
         self.init_binary = init_binary or init_binary_path()
 
     def _runc(self, *args: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
         return ["runc", "--root", self.runc_root, *args]
 
-    @staticmethod
-    def netns_name(sprite_id: str) -> str:
-        return f"wisp-{sprite_id[:24]}"
+    def netns_name(self, sprite_id: str) -> str:
+        return f"wisp-{self.tag}-{sprite_id.removeprefix('sprite-')[:24]}"
 
     def bundle_dir(self, sprite_id: str) -> Path:
         return self.run_dir / sprite_id / "bundle"
 
-    def agent_dir(self, sprite_id: str) -> Path:
+    def boot_dir(self, sprite_id: str) -> Path:
+        """The sprite's tmpfs: `init`, `hosts` and `run/` (the agent's socket dir)."""
         return self.agent_root / sprite_id.removeprefix("sprite-")
 
     def agent_socket(self, sprite_id: str) -> Path:
-        return self.agent_dir(sprite_id) / "agent.sock"
+        return self.boot_dir(sprite_id) / "run" / "agent.sock"
+
+    def _make_boot(self, sprite_id: str, hostname: str) -> Path:
+        boot = self.boot_dir(sprite_id)
+        self._remove_boot(sprite_id)
+        boot.mkdir(parents=True)
+        # 2 MiB: the init binary (~0.8 MiB) and what the agent's socket dir may hold.
+        mount_tmpfs(boot, "size=2m,nr_inodes=64,mode=0755")
+        shutil.copyfile(self.init_binary, boot / "init")
+        (boot / "init").chmod(0o555)
+        self._write_hosts(boot / "hosts", hostname)
+        (boot / "run").mkdir(mode=0o700)
+        os.chown(boot / "run", ROOT_UID_BASE, ROOT_UID_BASE)
+        return boot
+
+    def _remove_boot(self, sprite_id: str) -> None:
+        boot = self.boot_dir(sprite_id)
+        unmount(boot)
+        shutil.rmtree(boot, ignore_errors=True)
 
     async def _ensure_netns(self, sprite_id: str) -> Path:
         name = self.netns_name(sprite_id)
@@ -95,9 +130,10 @@ class ContainerRuntime(Runtime):
         return path
 
     async def _remove_netns(self, sprite_id: str) -> None:
-        name = self.netns_name(sprite_id)
-        if (NETNS_DIR / name).exists():
-            await run("ip", "netns", "delete", name, check=False)
+        # and the name used before namespaces carried the server's tag
+        for name in (self.netns_name(sprite_id), f"wisp-{sprite_id[:24]}"):
+            if (NETNS_DIR / name).exists():
+                await run("ip", "netns", "delete", name, check=False)
 
     def _write_hosts(self, path: Path, hostname: str) -> None:
         # Rewritten in place: the sprite sees this inode through a bind mount.
@@ -113,7 +149,7 @@ class ContainerRuntime(Runtime):
         if pid is None:
             raise SystemError_(f"sprite {sprite_id} is not running")
         await run("nsenter", "-t", str(pid), "-u", "hostname", hostname, timeout=10)
-        self._write_hosts(self.bundle_dir(sprite_id) / "hosts", hostname)
+        self._write_hosts(self.boot_dir(sprite_id) / "hosts", hostname)
 
     def init_pid(self, sprite_id: str) -> int | None:
         """Host pid of the sprite's init while it is alive (not a zombie), else None."""
@@ -131,17 +167,18 @@ class ContainerRuntime(Runtime):
         self.runc_root.mkdir(parents=True, exist_ok=True)
         bundle = self.bundle_dir(sprite_id)
         bundle.mkdir(parents=True, exist_ok=True)
-        agent_dir = self.agent_dir(sprite_id)
-        if agent_dir.exists():
-            shutil.rmtree(agent_dir)
-        agent_dir.mkdir(parents=True, mode=0o700)
-        os.chown(agent_dir, ROOT_UID_BASE, ROOT_UID_BASE)
+        boot = self._make_boot(sprite_id, hostname)
         netns = await self._ensure_netns(sprite_id)
-        hosts = bundle / "hosts"
-        self._write_hosts(hosts, hostname)
-        spec = make_spec(hostname=hostname, rootfs=rootfs, init_binary=self.init_binary,
-                         agent_dir=agent_dir, hosts_file=hosts, netns=netns, cgroup_path=f"/wisp/{sprite_id}",
-                         limits=limits)
+        # cgroup v1 (this project's test hosts): a workload cgroup below the sprite's, see
+        # WORKLOAD. On a pure cgroup v2 host the sprite's cgroup could not hold the agent
+        # beside a child cgroup ("no internal processes"), so there the limits apply to
+        # the agent too and a full sprite needs the restart endpoint.
+        reserve = (CGROUP_ROOT / "pids").is_dir()
+        outer = Limits(limits.memory_mb + RESERVE_MEMORY_MB, limits.cpus,
+                       limits.pids + RESERVE_PIDS) if reserve else limits
+        spec = make_spec(hostname=hostname, rootfs=rootfs, init_binary=boot / "init",
+                         agent_dir=boot / "run", hosts_file=boot / "hosts", netns=netns,
+                         cgroup_path=f"/wisp/{sprite_id}", limits=outer)
         (bundle / "config.json").write_text(json.dumps(spec, indent=1))
         log = self.run_dir / sprite_id / "init.log"
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -158,9 +195,31 @@ class ContainerRuntime(Runtime):
             raise SystemError_(f"runc run failed for sprite {sprite_id}: {tail}")
         try:
             await agent.wait_ready(self.agent_socket(sprite_id), timeout=10)
+            if reserve:
+                await agent.join_cgroups(self.agent_socket(sprite_id),
+                                         self._make_workload(sprite_id, limits))
         except BaseException:
             await self.stop(sprite_id)
             raise
+
+    @staticmethod
+    def _make_workload(sprite_id: str, limits: Limits) -> list[Path]:
+        """Create the workload cgroup in each v1 hierarchy that limits the sprite (runc made
+        the sprite's own); return their `cgroup.procs` files."""
+        settings = {"pids": {"pids.max": str(limits.pids)},
+                    "memory": {"memory.limit_in_bytes": str(limits.memory_mb << 20)},
+                    "cpu": {}}  # CPU: the quota stays on the sprite; this only shares it
+        procs: list[Path] = []
+        for controller, values in settings.items():
+            sprite_cgroup = CGROUP_ROOT / controller / "wisp" / sprite_id
+            if not sprite_cgroup.is_dir():
+                continue
+            workload = sprite_cgroup / WORKLOAD
+            workload.mkdir(exist_ok=True)
+            for key, value in values.items():
+                (workload / key).write_text(value)
+            procs.append(workload / "cgroup.procs")
+        return procs
 
     async def _state(self, sprite_id: str) -> dict[str, object] | None:
         res = await run(*self._runc("state", sprite_id), check=False, timeout=30)
@@ -220,7 +279,7 @@ class ContainerRuntime(Runtime):
             return
         try:
             cgroups = Path(f"/proc/{pid}/cgroup").read_text()
-            if f"/wisp/{sprite_id}\n" in cgroups:
+            if f"/wisp/{sprite_id}\n" in cgroups or f"/wisp/{sprite_id}/" in cgroups:
                 signal.pidfd_send_signal(fd, sig)
         except (ProcessLookupError, FileNotFoundError):
             pass
@@ -229,12 +288,18 @@ class ContainerRuntime(Runtime):
 
     @staticmethod
     def _cgroup_pids(sprite_id: str) -> list[int]:
-        for procs in (Path("/sys/fs/cgroup/pids/wisp") / sprite_id / "cgroup.procs",
-                      Path("/sys/fs/cgroup/wisp") / sprite_id / "cgroup.procs"):
+        """Every process of the sprite: its cgroup's and its workload cgroup's."""
+        for base in (CGROUP_ROOT / "pids" / "wisp" / sprite_id,
+                     CGROUP_ROOT / "wisp" / sprite_id):
             try:
-                return [int(p) for p in procs.read_text().split()]
+                pids = [int(p) for p in (base / "cgroup.procs").read_text().split()]
             except OSError:
                 continue
+            try:
+                pids += [int(p) for p in (base / WORKLOAD / "cgroup.procs").read_text().split()]
+            except OSError:
+                pass
+            return pids
         return []
 
     async def pause(self, sprite_id: str) -> None:
@@ -294,7 +359,7 @@ class ContainerRuntime(Runtime):
             await self._remove_netns(sprite_id)
         sprite_run = self.run_dir / sprite_id
         shutil.rmtree(sprite_run / "bundle", ignore_errors=True)
-        shutil.rmtree(self.agent_dir(sprite_id), ignore_errors=True)
+        self._remove_boot(sprite_id)
 
     async def list_ids(self) -> list[str]:
         ids: set[str] = set()
@@ -304,8 +369,8 @@ class ContainerRuntime(Runtime):
         return sorted(ids)
 
     def release_agent_root(self) -> None:
-        """Remove this server's (empty) socket directory under /run/wisp."""
-        try:
-            self.agent_root.rmdir()
-        except OSError:
-            pass
+        """Remove this server's directory under /run/wisp, with any boot tmpfs a crash
+        left mounted there (call after every sprite is stopped)."""
+        for point, _ in mounts_under(self.agent_root):
+            unmount(Path(point))
+        shutil.rmtree(self.agent_root, ignore_errors=True)

@@ -63,8 +63,20 @@ async def mount_disk(image: Path, disk_dir: Path, lower: Path, rootfs: Path) -> 
             d.mkdir()
             os.chown(d, ROOT_UID_BASE, ROOT_UID_BASE)
     if not is_mountpoint(rootfs):
-        opts = f"lowerdir={lower},upperdir={disk_dir / 'upper'},workdir={disk_dir / 'work'}"
-        await run("mount", "-t", "overlay", "overlay", "-o", opts, rootfs)
+        # Paths relative to the sprite's run dir (and `lower`, a link to the image): the
+        # kernel shows the options as given in the sprite's /proc/mounts, which must not
+        # name host paths.
+        base = rootfs.parent
+        if disk_dir.parent != base:
+            raise ValueError("the disk dir and the root must share a parent directory")
+        link = base / "lower"
+        tmp_link = base / "lower.tmp"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(lower)
+        os.replace(tmp_link, link)
+        opts = (f"lowerdir={link.name},upperdir={disk_dir.name}/upper,"
+                f"workdir={disk_dir.name}/work")
+        await run("mount", "-t", "overlay", "overlay", "-o", opts, rootfs.name, cwd=base)
 
 
 async def unmount_disk(disk_dir: Path, rootfs: Path, image: Path | None = None, *,

@@ -23,6 +23,16 @@
  *                     "exit N"  (N = exit code, or 128+signal; the connection is closed)
  *   server -> agent   "signal N" (to the process group of the command)
  *
+ *   server -> agent   "cgroups" with up to MAX_JOIN fds via SCM_RIGHTS: each an open
+ *                     (by host root) `cgroup.procs` of the sprite's workload cgroup in one
+ *                     hierarchy. The agent keeps them; every spawned child writes "0" to
+ *                     each before it execs, moving itself in. Answer "ok"; connection closed.
+ *
+ * Why the workload cgroups: the agent lives in the sprite's outer cgroup, whose pids and
+ * memory limits are the workload's plus a small reserve. A fork bomb or a memory hog fills
+ * the workload cgroup, never the reserve, so the agent can still fork the process the user
+ * needs (`kill -9 -1`): the kernel charges a migration even past a full pids limit.
+ *
  * If the server closes the connection, the process keeps running, detached. Spawn
  * failures after the fork (bad cwd, command not found) are reported the way a shell
  * reports them: a message on the child's stderr and exit 127 / 126 / 1.
@@ -65,6 +75,7 @@
 #define MAX_CONNS 1024
 #define MAX_GROUPS 1024
 #define MAX_FDS 8
+#define MAX_JOIN 8
 #define TERM_GRACE_MS 2000
 #define KILL_GRACE_MS 2000
 
@@ -81,6 +92,8 @@ static struct pollfd pfds[MAX_CONNS + 2];
 static int pfd_conn[MAX_CONNS + 2];
 /* One request buffer: the loop is single-threaded and a request is consumed at once. */
 static char reqbuf[MAX_REQUEST + 1];
+/* cgroup.procs of the workload cgroups (see "cgroups" above); -1 = unused. */
+static int join_fds[MAX_JOIN] = { -1, -1, -1, -1, -1, -1, -1, -1 };
 
 extern char **environ;
 
@@ -298,6 +311,22 @@ static const char *parse_request(char *buf, size_t len, struct request *r)
     return NULL;
 }
 
+/* Move the calling process into every workload cgroup; 0 on success. */
+static int join_workload(void)
+{
+    for (int i = 0; i < MAX_JOIN; i++) {
+        if (join_fds[i] < 0)
+            continue;
+        ssize_t n;
+        do {
+            n = pwrite(join_fds[i], "0", 1, 0);
+        } while (n < 0 && errno == EINTR);
+        if (n != 1)
+            return -1;
+    }
+    return 0;
+}
+
 /* Runs in the forked child; never returns. */
 static void child_exec(struct request *r, int in, int out, int err, int slave)
 {
@@ -306,6 +335,8 @@ static void child_exec(struct request *r, int in, int out, int err, int slave)
     for (int s = 1; s < NSIG; s++)
         signal(s, SIG_DFL);
     sigprocmask(SIG_SETMASK, &none, NULL);
+    /* First, so that nothing the command does is charged to the agent's reserve. */
+    int join_errno = join_workload() < 0 ? errno : 0;
     setsid();
     if (slave >= 0) {
         ioctl(slave, TIOCSCTTY, 0);
@@ -321,6 +352,10 @@ static void child_exec(struct request *r, int in, int out, int err, int slave)
         } else if (dup2(src[i], i) < 0) {
             _exit(1);
         }
+    }
+    if (join_errno) {
+        dprintf(2, "wisp: joining the sprite's cgroup: %s\n", strerror(join_errno));
+        _exit(1);
     }
     umask(022);
     if (setgroups((size_t)r->ngroups, r->groups) < 0 && r->uid != 0) {
@@ -459,6 +494,18 @@ static void handle_running(struct conn *c, char *buf, size_t len)
         signal_group(c->pid, (int)sig);
 }
 
+_Static_assert(MAX_FDS <= MAX_JOIN, "a message carries at most MAX_JOIN cgroup fds");
+
+/* Replace the workload cgroup fds; takes ownership of fds (they are O_CLOEXEC). */
+static void set_join_fds(int *fds, int nfds)
+{
+    for (int i = 0; i < MAX_JOIN; i++) {
+        if (join_fds[i] >= 0)
+            close(join_fds[i]);
+        join_fds[i] = i < nfds ? fds[i] : -1;
+    }
+}
+
 static void handle_conn(struct conn *c)
 {
     if (c->state == C_FREE)
@@ -507,6 +554,12 @@ static void handle_conn(struct conn *c)
     if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
         send_text(c->fd, "error request too large");
         close_fds(fds, nfds);
+        close_conn(c);
+        return;
+    }
+    if ((size_t)n == sizeof("cgroups") && !memcmp(reqbuf, "cgroups", sizeof("cgroups"))) {
+        set_join_fds(fds, nfds);
+        send_text(c->fd, "ok");
         close_conn(c);
         return;
     }
