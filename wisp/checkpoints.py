@@ -85,12 +85,15 @@ class Checkpoints:
         return size
 
     async def create(self, row: SpriteRow, comment: str) -> AsyncIterator[dict[str, Any]]:
+        """Progress of a new checkpoint. Everything that can refuse it (the sprite deleted
+        while this waited for its lock, the quota) is checked before the first event, so
+        the refusal is the reply's status."""
         sprites = self.sprites
-        yield event("info", "Creating checkpoint...")
         async with sprites.lock(row.id):
-            row = sprites.row(row.name)
+            row = sprites.same(row)
             await sprites.handle_locked(row)
             size = self._check_quota(row)
+            yield event("info", "Creating checkpoint...")
             cp_id = f"v{row.next_checkpoint}"
             final = sprites.checkpoint_image(row.id, cp_id)
             partial = final.with_name(final.name + ".in-progress")
@@ -119,9 +122,14 @@ class Checkpoints:
         return self.sprites.row(name), cp
 
     async def restore(self, row: SpriteRow, cp: CheckpointRow) -> AsyncIterator[dict[str, Any]]:
+        """Progress of a restore; the sprite and the checkpoint are checked again once its
+        lock is held (a delete may have come first), before the first event."""
         sprites = self.sprites
-        yield event("info", f"Restoring to {cp.id}...")
         async with sprites.lock(row.id):
+            row = sprites.same(row)
+            cp = self.get(row.name, cp.id)
+            sprites.volume.require()
+            yield event("info", f"Restoring to {cp.id}...")
             live = sprites.disk_image(row.id)
             incoming = live.with_name("disk.img.restoring")
             incoming.unlink(missing_ok=True)

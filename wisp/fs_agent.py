@@ -838,7 +838,9 @@ def _worker(setup: dict[str, Any], conn: socket.socket, userns: int, cap_last: i
             if os.fstat(root_fd).st_dev == parent.st_dev:
                 raise OSError(errno.EIO, "the sprite's root filesystem is not mounted")
     except OSError as exc:
-        _send_error(conn, OpError("EIO", f"sprite root {rootfs}: {exc.strerror}", None))
+        # never the host path of the root: the reply goes to the client
+        _send_error(conn, OpError("EIO", f"the sprite's root filesystem: {exc.strerror}",
+                                  None))
         return 1
     try:
         _check(_libc.setns(userns, CLONE_NEWUSER), "setns")

@@ -424,14 +424,14 @@ class Sprites:
         whole, which needs nothing from inside the sprite. A cold sprite just starts."""
         row = self.row(name)
         async with self.lock(row.id):
-            row = self._same(row)
+            row = self.same(row)
             if row.id in self._live:
                 await self.runtime.terminate([row.id], self.config.stop_grace)
             await self._stop(row.id, restarting=True)
             await self._start(row)
         return row
 
-    def _same(self, row: SpriteRow) -> SpriteRow:
+    def same(self, row: SpriteRow) -> SpriteRow:
         """`row` read again, for a caller that waited for the sprite's lock: the sprite may
         have been deleted meanwhile (and its name even taken by a new one)."""
         current = self.store.sprite_by_name(row.name)

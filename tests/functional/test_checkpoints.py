@@ -161,3 +161,50 @@ def test_checkpoint_quota(tmp_path, leak_check) -> None:
         c.delete_sprite("quota")
     finally:
         srv.stop()
+
+
+def test_restore_and_checkpoint_queued_behind_a_delete_are_404(server: WispServer,
+                                                               sprite_factory) -> None:
+    """A restore and a checkpoint that wait for the sprite's lock behind a delete of the
+    same sprite answer 404 sprite_not_found once they get it: no 200 stream with an error
+    line (which named the deleted disk's host path)."""
+    import threading
+    import time
+
+    import httpx
+
+    s = sprite_factory("queued")
+    list(s.create_checkpoint())
+    # 300 MB of unwritten pages: the next checkpoint holds the lock while it syncs them
+    sh(s, "dd if=/dev/zero of=/home/sprite/big bs=1M count=300 2>/dev/null")
+    replies: dict[str, tuple[int, bytes, float]] = {}
+
+    def call(key: str, method: str, path: str) -> None:
+        r = httpx.request(method, server.url + path, headers=server.headers, timeout=120,
+                          json={} if method == "POST" else None)
+        replies[key] = (r.status_code, r.content, time.monotonic())
+
+    base = f"/v1/sprites/{s.name}"
+    with httpx.stream("POST", server.url + base + "/checkpoint", headers=server.headers,
+                      json={}, timeout=120) as holder:
+        lines = holder.iter_lines()
+        first = next(lines)  # the lock is held from here until the stream ends
+        assert json.loads(first)["type"] == "info"
+        threads = [threading.Thread(target=call, args=("delete", "DELETE", base))]
+        threads[0].start()
+        time.sleep(0.3)  # the delete queues first
+        for key, path in (("restore", base + "/checkpoints/v1/restore"),
+                          ("checkpoint", base + "/checkpoint")):
+            threads.append(threading.Thread(target=call, args=(key, "POST", path)))
+            threads[-1].start()
+        time.sleep(0.3)
+        assert not replies, f"the checkpoint ended before the others queued: {replies}"
+        assert json.loads(list(lines)[-1])["type"] == "complete"
+    for t in threads:
+        t.join()
+    assert replies["delete"][0] == 204
+    for key in ("restore", "checkpoint"):
+        status, body, at = replies[key]
+        assert status == 404, (key, status, body)
+        assert json.loads(body)["error"] == "sprite_not_found"
+        assert at >= replies["delete"][2], f"{key} answered before the delete finished"

@@ -192,7 +192,31 @@ def test_storage_crash_gives_503_then_recovers(own_server: WispServer) -> None:
     jfs = _juicefs_mounts(own_server)
     assert len(jfs) == 1, f"juicefs should serve in one process (no self-restarting child): {jfs}"
     old_pid = jfs[0]
+
+    # while the server notices, stops the sprite and remounts, file reads hammered from
+    # four threads are served (200) or refused with 503: never a 500 EIO naming the
+    # host's root path of the sprite
+    import threading
+
+    seen: list[tuple[int, str]] = []
+    stop = time.monotonic() + 3
+
+    def hammer() -> None:
+        while time.monotonic() < stop:
+            r = own_server.api("GET", "/v1/sprites/jfs/fs/read",
+                               params={"path": "/home/sprite/f", "workingDir": "/"})
+            seen.append((r.status_code, r.text))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
     os.kill(old_pid, signal.SIGKILL)
+    for t in threads:
+        t.join()
+    assert seen and {status for status, _ in seen} <= {200, 503}, [
+        x for x in seen if x[0] not in (200, 503)][:3]
+    assert not [text for _, text in seen if str(own_server.data_dir) in text]
 
     # until the server has mounted again, a checkpoint is refused with 503, never a 500
     deadline = time.monotonic() + 60

@@ -76,33 +76,47 @@ def query_bool(request: Request, key: str, default: bool = False) -> bool:
     raise BadRequest(f"query parameter {key} must be true or false, not {raw!r}")
 
 
-def ndjson(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    """Stream progress events as NDJSON.
+async def ndjson(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """Stream progress events as NDJSON, once the first one is ready.
 
+    An operation checks what it needs (the sprite still exists, its lock is held) before
+    its first event, so a failure there is raised from here and becomes the reply's status
+    (a restore queued behind a delete of its sprite is a 404, not a 200 with an error line).
     The work runs in its own task, apart from the response: a client that disconnects does
     not cancel a checkpoint or restore half way; the work finishes (or fails cleanly) and
     only the report is lost. A failure after the stream started becomes an `error` line.
     """
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def work() -> None:
         try:
             async for item in events:
+                if not started.done():
+                    started.set_result(None)
                 await queue.put(item)
-        except WispError as exc:
-            if exc.status >= 500:
-                log.warning("streamed operation failed: %s", exc.message)
-            await queue.put({"type": "error", "error": exc.public_message, "code": exc.code})
-        except Exception:  # logged with its traceback here, never sent
-            log.exception("streamed operation failed")
-            await queue.put({"type": "error", "error": "internal server error",
-                             "code": "internal_error"})
+        except Exception as exc:
+            if not started.done():  # before any event: the caller raises it as the reply
+                started.set_exception(exc)
+                return
+            if isinstance(exc, WispError):
+                if exc.status >= 500:
+                    log.warning("streamed operation failed: %s", exc.message)
+                await queue.put({"type": "error", "error": exc.public_message,
+                                 "code": exc.code})
+            else:  # logged with its traceback here, never sent
+                log.exception("streamed operation failed", exc_info=exc)
+                await queue.put({"type": "error", "error": "internal server error",
+                                 "code": "internal_error"})
         finally:
+            if not started.done():
+                started.set_result(None)
             await queue.put(None)
 
     task = asyncio.create_task(work())
     _running.add(task)
     task.add_done_callback(_running.discard)
+    await asyncio.shield(started)
 
     async def body() -> AsyncIterator[bytes]:
         while True:

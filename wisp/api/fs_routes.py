@@ -224,22 +224,26 @@ async def _chown(request: Request, handle: SpriteHandle, fs: Filesystem) -> Resp
     return _JSON(result)
 
 
-def _endpoint(handler: Handler, resolve: Resolver,
-              fs: Filesystem | None) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(handler: Handler, resolve: Resolver, fs: Filesystem | None,
+              storage: Callable[[], None] | None) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         handle = await resolve(request.path_params["name"])
         try:
             return await handler(request, handle, fs or default_filesystem())
         except FsError as err:
+            if err.code == "EIO" and storage is not None:
+                storage()  # JuiceFS died under the call: that is a 503, not an EIO
             return _fail(err)
 
     endpoint.__name__ = f"fs{handler.__name__}"
     return endpoint
 
 
-def fs_routes(resolve: Resolver, fs: Filesystem | None = None) -> list[BaseRoute]:
+def fs_routes(resolve: Resolver, fs: Filesystem | None = None,
+              storage: Callable[[], None] | None = None) -> list[BaseRoute]:
     """The eight filesystem endpoints. `resolve` maps a sprite name to a running sprite's
-    handle (raising `SpriteNotFound`); `fs` defaults to `default_filesystem()`."""
+    handle (raising `SpriteNotFound`); `fs` defaults to `default_filesystem()`; `storage`
+    raises `StorageUnavailable` while the volume is down (asked when a call fails EIO)."""
     table: list[tuple[str, str, Handler]] = [
         ("list", "GET", _list),
         ("read", "GET", _read),
@@ -250,6 +254,6 @@ def fs_routes(resolve: Resolver, fs: Filesystem | None = None) -> list[BaseRoute
         ("chmod", "POST", _chmod),
         ("chown", "POST", _chown),
     ]
-    return [Route(f"/v1/sprites/{{name}}/fs/{op}", _endpoint(handler, resolve, fs),
+    return [Route(f"/v1/sprites/{{name}}/fs/{op}", _endpoint(handler, resolve, fs, storage),
                   methods=[method], name=f"fs_{op}")
             for op, method, handler in table]

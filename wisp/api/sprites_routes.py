@@ -128,7 +128,7 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
     async def checkpoint_create(request: Request) -> Response:
         body = await json_body(request)
         row = await checkpoints.prepare_create(request.path_params["name"], body.get("comment"))
-        return ndjson(checkpoints.create(row, body.get("comment") or ""))
+        return await ndjson(checkpoints.create(row, body.get("comment") or ""))
 
     async def checkpoint_list(request: Request) -> Response:
         cps = checkpoints.list(request.path_params["name"],
@@ -142,7 +142,7 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
     async def checkpoint_restore(request: Request) -> Response:
         row, cp = checkpoints.prepare_restore(request.path_params["name"],
                                               request.path_params["cp"])
-        return ndjson(checkpoints.restore(row, cp))
+        return await ndjson(checkpoints.restore(row, cp))
 
     async def checkpoint_delete(request: Request) -> Response:
         await checkpoints.delete(request.path_params["name"], request.path_params["cp"])
