@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.framework.leaks import leaks
+from tests.framework.replies import audit
 from tests.framework.server import WispServer
 
 BASE = Path(os.environ.get("WISP_TEST_BASE", f"/var/tmp/wisp-test-{os.getpid()}"))
@@ -27,6 +28,21 @@ def leak_check() -> Iterator[Path]:
     assert not found, f"leaked after the test session: {found}"
     if os.environ.get("WISP_KEEP_TEST_DIR") != "1":
         shutil.rmtree(BASE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reply_audit(leak_check: Path, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Torn down before the leak check: no error reply any server sent in this session
+    named a host path or carried a traceback (tests/framework/replies.py)."""
+    yield
+    seen, offending = audit(leak_check)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nreply audit: {seen} error replies checked, "
+                                f"{len(offending)} with a host path or a traceback")
+    assert not offending, "error replies leaked host internals:\n" + "\n".join(offending[:20])
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,8 @@ def test_restore_drops_unwritten_pages_and_keeps_network(sprite, server: WispSer
 
     list(sprite.create_checkpoint())
     sprite_id = server.api("GET", f"/v1/sprites/{sprite.name}").json()["id"]
-    netns = f"wisp-{sprite_id[:24]}"
+    uid = sprite_id.removeprefix("sprite-")[:24]
+    netns = next(n for n in os.listdir("/run/netns") if n.startswith("wisp-") and n.endswith(uid))
     # what the host set up in the sprite's namespace (as egress rules will be) stays
     subprocess.run(["ip", "-n", netns, "addr", "add", "10.254.0.1/32", "dev", "lo"], check=True)
     sh(sprite, "head -c 30000000 /dev/urandom > /home/sprite/unsynced")

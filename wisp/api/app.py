@@ -8,6 +8,7 @@ a bare `internal_error` (the traceback goes to the log, never to the client).
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -26,6 +27,8 @@ from wisp.errors import FsError, Unauthorized, WispError
 __all__ = ["build_app", "SPRITE_VERSION"]
 
 log = logging.getLogger("wisp.api")
+#: One line per error reply (see `ReplyMiddleware`).
+reply_log = logging.getLogger("wisp.replies")
 
 #: Any release version makes the Go SDK use the path form of attach (contract §3.4).
 SPRITE_VERSION = "1.0.0"
@@ -85,6 +88,73 @@ class VersionHeaderMiddleware:
         await self.app(scope, receive, send_with_version)
 
 
+class ReplyMiddleware:
+    """Every error reply goes to the `wisp.replies` log, and nothing unexpected escapes.
+
+    Logged, as the client got it: each response with status >= 400 (its JSON body), each
+    `error` line of an NDJSON stream, each refused WebSocket handshake and each WebSocket
+    close other than 1000. The log is what an operator reads when a client reports an
+    error, and what the test suite audits for host paths and tracebacks (none may reach a
+    client). An exception no handler turned into a reply becomes a bare 500 here, before
+    Starlette's last-resort handler would answer it and then drop the connection.
+    """
+
+    #: Bodies are logged up to this size (error bodies are small; a cap keeps a huge one
+    #: from filling the log).
+    LOG_BYTES = 4096
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        what = f"{scope.get('method', 'WS')} {scope.get('path', '')}"
+        state: dict[str, Any] = {"status": 0, "ndjson": False, "body": b"", "tail": b""}
+
+        async def watch(message: Message) -> None:
+            kind = message["type"]
+            if kind in ("http.response.start", "websocket.http.response.start"):
+                state["status"] = message["status"]
+                headers = dict(message.get("headers", []))
+                state["ndjson"] = headers.get(b"content-type", b"").startswith(
+                    b"application/x-ndjson")
+            elif kind in ("http.response.body", "websocket.http.response.body"):
+                self._body(state, message.get("body", b""), what,
+                           not message.get("more_body", False))
+            elif kind == "websocket.close" and message.get("code", 1000) != 1000:
+                reply_log.info("close %s %s: %s", message.get("code"), what,
+                               message.get("reason", ""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("unhandled error on %s", what)
+            if state["status"] or scope["type"] != "http":
+                raise  # too late for a reply of our own
+            body = json.dumps({"error": "internal_error", "message": "internal server error"})
+            await watch({"type": "http.response.start", "status": 500,
+                         "headers": [(b"content-type", b"application/json"),
+                                     (b"sprite-version", SPRITE_VERSION.encode())]})
+            await watch({"type": "http.response.body", "body": body.encode()})
+
+    def _body(self, state: dict[str, Any], chunk: bytes, what: str, last: bool) -> None:
+        if state["status"] >= 400:
+            if len(state["body"]) < self.LOG_BYTES:
+                state["body"] += chunk[: self.LOG_BYTES - len(state["body"])]
+            if last:
+                reply_log.info("reply %s %s: %s", state["status"], what,
+                               state["body"].decode(errors="replace"))
+        elif state["ndjson"]:
+            *lines, state["tail"] = (state["tail"] + chunk).split(b"\n")
+            for line in lines:
+                if b'"type": "error"' in line or b'"type":"error"' in line:
+                    reply_log.info("stream %s %s: %s", state["status"], what,
+                                   line[: self.LOG_BYTES].decode(errors="replace"))
+
+
 async def _wisp_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, WispError)
     if exc.status >= 500:
@@ -127,4 +197,5 @@ def build_app(routes: Sequence[BaseRoute], token: str,
     )
     app.add_middleware(AuthMiddleware, token=token)
     app.add_middleware(VersionHeaderMiddleware)
+    app.add_middleware(ReplyMiddleware)
     return app
