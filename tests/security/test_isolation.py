@@ -145,3 +145,10 @@ def test_debian_developer_tools(debian) -> None:
     assert out.startswith("4\n") and "git version" in out and "sudo-ok" in out
     assert sh(debian, "pwd")[1].strip() == "/home/sprite"
     assert sh(debian, "whoami")[1].strip() == "sprite"
+
+
+def test_open_file_limit_is_the_sprites_own(sprite) -> None:
+    """The server raises its own open-file limit for its connections; a sprite still gets
+    the usual soft limit of 1024, not the server's."""
+    code, out = sh(sprite, "ulimit -n")
+    assert code == 0 and out.strip() == "1024", out

@@ -9,6 +9,7 @@ keyrings), no host devices, masked /proc paths, and cgroup limits on memory, CPU
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ SECCOMP_DENIED = [
 ]
 
 CLONE_NEWUSER = 0x10000000
+
+
+def _nofile_hard() -> int:
+    """The host's hard open-file limit, at most 524288 (systemd's default): raising a hard
+    limit needs CAP_SYS_RESOURCE, which some hosts do not give root."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 524288 if hard == resource.RLIM_INFINITY else min(hard, 524288)
 
 
 def _seccomp() -> dict[str, Any]:
@@ -66,6 +74,10 @@ def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "cwd": "/",
             "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
+            # The server raises its own open-file limit for its connections; a sprite gets
+            # a computer's usual one instead, whatever the server did.
+            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": min(1024, _nofile_hard()),
+                         "hard": _nofile_hard()}],
             # sudo inside the sprite must work; root inside is unprivileged on the host.
             "noNewPrivileges": False,
         },
