@@ -5,11 +5,13 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := runc e2fsprogs debootstrap busybox-static iproute2 util-linux fuse3 gcc libc6-dev ca-certificates redis-server
 DATA_DIR ?= /var/lib/wisp
 LISTEN ?= 127.0.0.1:7770
+# Where `make install` links the `wisp` command (on root's and every user's default PATH).
+BINDIR ?= /usr/local/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test bench check install deps venv init js clean
+.PHONY: run test bench check install deps venv init js bin clean
 
-install: deps venv init js
+install: deps venv init js bin
 
 # Debian packages: installed only when one is missing, so a warm machine skips apt.
 deps:
@@ -40,6 +42,16 @@ tests/js/node_modules/.installed: tests/js/package.json
 	else echo "npm not found: the JS SDK test will be skipped"; fi
 
 js: tests/js/node_modules/.installed
+
+# `wisp` on the PATH: BINDIR/wisp -> this checkout's .venv/bin/wisp, so the "Try:" line
+# `make run` prints works as printed. A BINDIR/wisp that is not a link is left alone (then
+# `wisp serve` prints the venv script's full path instead).
+bin:
+	@link="$(BINDIR)/wisp"; target="$(CURDIR)/$(VENV)/bin/wisp"; \
+	if [ "$$(readlink "$$link")" = "$$target" ]; then :; \
+	elif [ -e "$$link" ] && [ ! -L "$$link" ]; then echo "$$link is not a link: left alone"; \
+	elif ln -sfn "$$target" "$$link" 2>/dev/null; then echo "linked $$link -> $$target"; \
+	else echo "cannot write $(BINDIR): use $$target, or add $(CURDIR)/$(VENV)/bin to PATH"; fi
 
 run: install
 	$(VENV)/bin/wisp serve --data-dir $(DATA_DIR) --listen $(LISTEN)

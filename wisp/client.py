@@ -6,21 +6,31 @@ exactly like the wire objects (so `--json` output is what the server sent), no r
 no caching. Every failure is a `ClientError`:
 
     ClientError                 anything the caller should print as `error: <message>`
-    ├── ConfigError             no server configured / unreadable client.json
+    ├── ConfigError             no server configured / unknown context / bad client.json
     ├── ConnectError            the server cannot be reached (refused, DNS, timeout)
     ├── ApiError                the server answered >= 400 with the contract error body
     └── ProtocolError           the server answered something outside the contract
 
-Endpoint discovery (`discover_endpoint`) is here too, so the server can write, and every
-client read, the same `client.json` (`client_config_path`, `write_client_config`).
+The client configuration is here too, so the server can write, and every client read,
+the same `client.json`: named servers ("contexts") and the current one
+(`load_client_config`, `edit_client_config`, `register_server`), and the choice of server
+for one command (`resolve_endpoint`: options, then WISP_* variables, then a context).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
+import re
+import shlex
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 from urllib.parse import quote, urlencode
@@ -42,10 +52,21 @@ __all__ = [
     "Sprite",
     "Checkpoint",
     "ProgressEvent",
+    "RestartResult",
+    "Context",
+    "ClientConfig",
+    "Endpoint",
+    "LOCAL_CONTEXT",
+    "check_context_name",
+    "check_api_url",
     "client_config_path",
     "load_client_config",
-    "write_client_config",
+    "save_client_config",
+    "edit_client_config",
+    "register_server",
+    "resolve_endpoint",
     "discover_endpoint",
+    "announce_server",
     "USER_AGENT",
 ]
 
@@ -136,7 +157,56 @@ class ProgressEvent(TypedDict, total=False):
     id: str
 
 
-# --------------------------------------------------------------------------- discovery
+class RestartResult(TypedDict, total=False):
+    """Reply of `POST /v1/sprites/{name}/restart` (contract: JS SDK extras)."""
+
+    sprite_name: str
+    machine_id: str
+    message: str
+
+
+# --------------------------------------------------------------------------- contexts
+
+#: The context name `wisp serve` registers for the default data dir (/var/lib/wisp).
+LOCAL_CONTEXT = "local"
+_CONTEXT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+@dataclass
+class Context:
+    """One named server in client.json. `data_dir` is set when `wisp serve` registered
+    the entry (the server's data dir on this host) and None for one added by hand."""
+
+    api: str
+    token: str | None = None
+    data_dir: str | None = None
+
+
+@dataclass
+class ClientConfig:
+    """The whole client.json: named servers ("contexts") and the name of the current one.
+
+    `current` may be None (nothing chosen yet) but never names a missing context once
+    loaded: a dangling name reads as None."""
+
+    contexts: dict[str, Context] = field(default_factory=dict)
+    current: str | None = None
+
+
+def check_context_name(name: str) -> str:
+    """Return `name` if it is a valid context name (letters, digits, `.`, `_`, `-`; at
+    most 63; not starting with punctuation), else raise ConfigError."""
+    if not _CONTEXT_NAME.fullmatch(name):
+        raise ConfigError(f"invalid context name {name!r}: use letters, digits, '.', '_' "
+                          f"and '-' (at most 63, starting with a letter or digit)")
+    return name
+
+
+def check_api_url(api: str) -> str:
+    """`api` without a trailing slash; ConfigError unless it is an http(s) URL."""
+    if not api.startswith(("http://", "https://")):
+        raise ConfigError(f"API URL must start with http:// or https://, got {api!r}")
+    return api.rstrip("/")
 
 
 def client_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -149,35 +219,68 @@ def client_config_path(env: Mapping[str, str] | None = None) -> Path:
     return root / "wisp" / "client.json"
 
 
-def load_client_config(path: Path | None = None) -> dict[str, str] | None:
-    """The saved `{"api", "token"}` pair, or None when the file does not exist."""
+def _optional_str(doc: Mapping[str, Any], key: str) -> bool:
+    return isinstance(doc.get(key), (str, type(None)))
+
+
+def _parse_client_config(doc: Any, path: Path) -> ClientConfig:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    if "contexts" not in doc:
+        # The single-server form written before contexts existed: {"api", "token"}. It was
+        # always written by `wisp serve`, so it becomes that server's usual name, current.
+        if not doc.get("api"):
+            return ClientConfig()
+        if not (isinstance(doc["api"], str) and _optional_str(doc, "token")):
+            raise ConfigError(f'{path} must be a JSON object {{"current": ..., '
+                              f'"contexts": {{NAME: {{"api": ..., "token": ...}}}}}}')
+        old = Context(doc["api"], doc.get("token") or None)
+        return ClientConfig({LOCAL_CONTEXT: old}, LOCAL_CONTEXT)
+    contexts: dict[str, Context] = {}
+    raw = doc["contexts"]
+    if not isinstance(raw, dict) or not _optional_str(doc, "current"):
+        raise ConfigError(f'{path}: "contexts" must be an object and "current" a string')
+    for name, entry in raw.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("api"), str)
+                and _optional_str(entry, "token") and _optional_str(entry, "data_dir")):
+            raise ConfigError(f'{path}: context {name!r} must be an object with a string '
+                              f'"api" and optional "token" and "data_dir"')
+        contexts[name] = Context(entry["api"], entry.get("token") or None,
+                                 entry.get("data_dir") or None)
+    current = doc.get("current")
+    return ClientConfig(contexts, current if current in contexts else None)
+
+
+def load_client_config(path: Path | None = None) -> ClientConfig:
+    """client.json as a `ClientConfig`: empty when the file does not exist, the old
+    single-server form read as one context "local" (rewritten in the new form by the next
+    save). Unreadable or malformed files raise ConfigError."""
     path = client_config_path() if path is None else path
     try:
         raw = path.read_text()
     except FileNotFoundError:
-        return None
+        return ClientConfig()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict) or not all(
-            isinstance(doc.get(k), (str, type(None))) for k in ("api", "token")):
-        raise ConfigError(f'{path} must be a JSON object {{"api": "...", "token": "..."}}')
-    return {k: doc[k] for k in ("api", "token") if doc.get(k)}
+    return _parse_client_config(doc, path)
 
 
-def write_client_config(api: str, token: str | None, path: Path | None = None) -> Path:
-    """Atomically write client.json with mode 0600 (it holds a bearer token).
-
-    The server calls this on start so that `wisp` on the same host finds it with no flags."""
+def save_client_config(config: ClientConfig, path: Path | None = None) -> Path:
+    """Atomically write client.json with mode 0600 (it holds bearer tokens)."""
     path = client_config_path() if path is None else path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".client.json.")
+    doc = {"current": config.current,
+           "contexts": {name: {k: v for k, v in dataclasses.asdict(c).items()
+                               if v is not None or k == "token"}
+                        for name, c in sorted(config.contexts.items())}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump({"api": api, "token": token}, fh, indent=2)
+            json.dump(doc, fh, indent=2)
             fh.write("\n")
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
@@ -187,30 +290,197 @@ def write_client_config(api: str, token: str | None, path: Path | None = None) -
     return path
 
 
-def discover_endpoint(api: str | None = None, token: str | None = None, *,
-                      env: Mapping[str, str] | None = None,
-                      config_path: Path | None = None) -> tuple[str, str | None]:
-    """Find `(api, token)`: explicit arguments, then WISP_API / WISP_TOKEN, then client.json.
+@contextmanager
+def edit_client_config(path: Path | None = None) -> Iterator[ClientConfig]:
+    """Load client.json, let the caller change it, save it: under an exclusive lock on a
+    file beside it, so two `wisp serve` starting at once (or a serve and a `wisp context`
+    command) never lose each other's entry. Nothing is saved if the body raises."""
+    path = client_config_path() if path is None else path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        config = load_client_config(path)
+        yield config
+        save_client_config(config, path)
+    finally:
+        os.close(lock)
 
-    The file's token is only used together with the file's API URL (or when no URL was
-    given elsewhere), so a token saved for one server is never sent to another."""
+
+def _same_url(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and a.rstrip("/") == b.rstrip("/")
+
+
+def _derived_name(data_dir: Path) -> str:
+    from wisp.config import DEFAULT_DATA_DIR
+
+    if data_dir == DEFAULT_DATA_DIR.absolute():
+        return LOCAL_CONTEXT
+    name = re.sub(r"[^a-z0-9._-]+", "-", data_dir.name.lower()).lstrip("._-")[:60]
+    return name or "wisp"
+
+
+def _taken(config: ClientConfig, name: str, base: str) -> bool:
+    """Whether a derived name must not be used: it names a hand-added entry or another
+    data dir's server. "local" without a data dir is the exception (the entry migrated
+    from the single-server file, or one added by hand under the default server's name),
+    which the server on the default data dir takes over."""
+    entry = config.contexts.get(name)
+    if entry is None:
+        return False
+    return not (name == base == LOCAL_CONTEXT and entry.data_dir is None)
+
+
+def register_server(api: str, token: str | None, data_dir: Path, *, name: str | None = None,
+                    path: Path | None = None) -> tuple[str, bool]:
+    """Record a starting `wisp serve` as a context in client.json; return (name, current).
+
+    The name is `name` if given (replacing any entry of that name); else the name of the
+    entry that already records this data dir; else "local" for the default data dir, or the
+    data dir's folder name, with `-2`, `-3`, ... appended while that name belongs to
+    another data dir or to a hand-added entry (see `_taken`). Other contexts are kept. The server becomes
+    the current context only when there is none or the current one is its own name: a
+    second server never takes "current" away from the first."""
+    data_dir = data_dir.absolute()
+    with edit_client_config(path) as config:
+        if name is not None:
+            check_context_name(name)
+        else:
+            mine = sorted(n for n, c in config.contexts.items()
+                          if c.data_dir == str(data_dir))
+            if mine:
+                name = config.current if config.current in mine else mine[0]
+            else:
+                base = candidate = _derived_name(data_dir)
+                suffix = 1
+                while _taken(config, candidate, base):
+                    suffix += 1
+                    candidate = f"{base}-{suffix}"
+                name = candidate
+        config.contexts[name] = Context(api, token, str(data_dir))
+        if config.current is None or config.current == name:
+            config.current = name
+        return name, config.current == name
+
+
+@dataclass
+class Endpoint:
+    """Where a client command goes: the API URL, its token, the context it came from (None
+    when the URL was given directly) and a note on which setting chose it."""
+
+    api: str
+    token: str | None
+    context: str | None
+    source: str
+
+
+def resolve_endpoint(api: str | None = None, token: str | None = None, *,
+                     context: str | None = None, env: Mapping[str, str] | None = None,
+                     config_path: Path | None = None) -> Endpoint:
+    """Pick the server for one command.
+
+    URL: `api`, else WISP_API, else the context named by `context` or WISP_CONTEXT, else
+    the current context of client.json. Token: `token`, else WISP_TOKEN, else that context's
+    token, but only when the URL in use is the context's own: a token saved for one server
+    is never sent to another. Naming a context that does not exist is an error even when
+    the URL comes from elsewhere (a typo should not pass silently)."""
     env = os.environ if env is None else env
-    api = api or env.get("WISP_API") or None
+    source = "--api"
+    if not api and env.get("WISP_API"):
+        api, source = env["WISP_API"], "WISP_API"
+    api = api or None
     token = token or env.get("WISP_TOKEN") or None
+    chosen_by = "--context"
+    if not context and env.get("WISP_CONTEXT"):
+        context, chosen_by = env["WISP_CONTEXT"], "WISP_CONTEXT"
     path = client_config_path(env) if config_path is None else config_path
-    saved = load_client_config(path) if (api is None or token is None) else None
-    if saved:
-        if api is None:
-            api = saved.get("api")
-        if token is None and saved.get("api", "").rstrip("/") == (api or "").rstrip("/"):
-            token = saved.get("token")
+    used: str | None = None
+    if api is None or token is None or context:
+        config = load_client_config(path)
+        if context:
+            if context not in config.contexts:
+                known = ", ".join(sorted(config.contexts)) or "none"
+                raise ConfigError(f"no context {context!r} in {path} (known: {known}); "
+                                  f"see `wisp context list`")
+            name: str | None = context
+        else:
+            name, chosen_by = config.current, "current context"
+        if name is not None:
+            entry = config.contexts[name]
+            if api is None:
+                api, source = entry.api, f"context {name} ({chosen_by}, {path})"
+            if _same_url(entry.api, api):
+                used = name
+                token = token or entry.token
+        elif api is None and config.contexts:
+            raise ConfigError(
+                f"no current context in {path}: run `wisp context use NAME` (one of "
+                f"{', '.join(sorted(config.contexts))}) or pass --context NAME")
     if not api:
         raise ConfigError(
             "no wisp server configured: pass --api URL (and --token), set WISP_API and "
-            f"WISP_TOKEN, or start `wisp serve`, which writes {path}")
-    if not api.startswith(("http://", "https://")):
-        raise ConfigError(f"API URL must start with http:// or https://, got {api!r}")
-    return api.rstrip("/"), token
+            "WISP_TOKEN, add one with `wisp context add NAME URL`, or start `wisp serve`, "
+            f"which registers itself in {path}")
+    return Endpoint(check_api_url(api), token, used, source)
+
+
+def discover_endpoint(api: str | None = None, token: str | None = None, *,
+                      context: str | None = None, env: Mapping[str, str] | None = None,
+                      config_path: Path | None = None) -> tuple[str, str | None]:
+    """`(api, token)` as `resolve_endpoint` picks them (options, env, then client.json)."""
+    found = resolve_endpoint(api, token, context=context, env=env, config_path=config_path)
+    return found.api, found.token
+
+
+# --------------------------------------------------------------------------- serve banner
+
+
+def _cli_program(env: Mapping[str, str]) -> list[str]:
+    """How to run this installation's `wisp` from a shell with PATH `env["PATH"]`: plain
+    `wisp` when that resolves to this interpreter's script (e.g. the link `make install`
+    puts in /usr/local/bin), else the script's absolute path."""
+    script = Path(sys.executable).parent / "wisp"
+    found = shutil.which("wisp", path=env.get("PATH", os.defpath))
+    if found is not None and (not script.exists() or os.path.samefile(found, script)):
+        return ["wisp"]
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "wisp.cli"]
+
+
+def announce_server(api: str, token: str, data_dir: Path, *,
+                    env: Mapping[str, str] | None = None) -> str:
+    """The block `wisp serve` prints on start, after registering the server as a context
+    (see `register_server`; its name from WISP_SERVE_CONTEXT if set) unless
+    WISP_NO_CLIENT_CONFIG=1 (test servers) asks to leave client.json alone.
+
+    Its "Try:" line works when pasted into a shell as printed: it names the context when
+    this server is not the current one, passes --api/--token when it is in no context,
+    and spells out the script's path when `wisp` on the PATH is not this installation's."""
+    env = os.environ if env is None else env
+    selector: list[str]
+    if env.get("WISP_NO_CLIENT_CONFIG") == "1":
+        where = "none (WISP_NO_CLIENT_CONFIG=1: client.json left alone)"
+        selector = ["--api", api, "--token", token]
+    else:
+        try:
+            name, current = register_server(api, token, data_dir,
+                                            name=env.get("WISP_SERVE_CONTEXT") or None,
+                                            path=client_config_path(env))
+        except (ClientError, OSError) as exc:
+            where = f"not saved ({exc})"
+            selector = ["--api", api, "--token", token]
+        else:
+            path = client_config_path(env)
+            if current:
+                where, selector = f"{name} (current) in {path}", []
+            else:
+                where = (f"{name} in {path} (not current: `wisp context use {name}` "
+                         f"makes it the default)")
+                selector = ["--context", name]
+    wisp = shlex.join(_cli_program(env) + selector)
+    return (f"\nWisp API:  {api}\nToken:     {token}\nContext:   {where}\n"
+            f"Try:       {wisp} create hello && {wisp} exec -s hello -- uname -a\n")
 
 
 # --------------------------------------------------------------------------- client
@@ -350,6 +620,12 @@ class Client:
         body = {"name": name, "checkpoint": checkpoint, "labels": list(labels or [])}
         return cast(Sprite, self._json("POST", f"/v1/sprites/{_seg(source)}/fork", json=body,
                                        timeout=SLOW_TIMEOUT))
+
+    def restart_sprite(self, name: str) -> RestartResult:
+        """End every process in the sprite and start it again on the same disk (the last
+        resort for a wedged sprite; its exec sessions end)."""
+        return cast(RestartResult, self._json("POST", f"/v1/sprites/{_seg(name)}/restart",
+                                              timeout=SLOW_TIMEOUT))
 
     # -- checkpoints (contract §2.10)
 

@@ -167,14 +167,15 @@ def serve(data_dir: Path | None = None, listen: str | None = None,
     svc, app = build(config)
     host, port = config.listen_host_port
     api = f"http://{host}:{port}"
-    from wisp.client import write_client_config
+    import json
 
-    write_client_config(api, svc.token, config.data_dir / "client.json")
-    if os.environ.get("WISP_NO_CLIENT_CONFIG") != "1":
-        write_client_config(api, svc.token)
-    print(f"\nWisp API:  {api}\nToken:     {svc.token}\n"
-          f"Try:       wisp create hello && wisp exec -s hello -- uname -a\n",
-          flush=True)
+    from wisp.client import announce_server
+
+    # This server's own endpoint file, then its context in the user's client.json (unless
+    # WISP_NO_CLIENT_CONFIG=1) and the banner whose "Try:" line works as printed.
+    _write_private(config.data_dir / "client.json",
+                   json.dumps({"api": api, "token": svc.token}, indent=2) + "\n")
+    print(announce_server(api, svc.token, config.data_dir), flush=True)
     # The websockets backend awaits each send, which exec's backpressure relies on; its
     # deprecation notice is about a future default, not a behaviour we depend on changing.
     import warnings

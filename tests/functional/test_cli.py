@@ -81,3 +81,72 @@ def test_bad_token_is_an_error(server: WispServer) -> None:
     env_server.__dict__.update(server.__dict__, token="wrong")
     r = wisp(env_server, "list")
     assert r.returncode == 1 and b"error:" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_restart_ends_processes_and_keeps_disk(server: WispServer, cli_sprite: str) -> None:
+    """`wisp restart` (POST /v1/sprites/{name}/restart) ends every process in the sprite,
+    keeps its disk, and the sprite runs commands again right after; `-s` works too."""
+    r = wisp(server, "exec", "-s", cli_sprite, "--", "sh", "-c",
+             "echo kept > /home/sprite/f; setsid sleep 1000 </dev/null >/dev/null 2>&1 &")
+    assert r.returncode == 0, r.stderr
+    alive = wisp(server, "exec", "-s", cli_sprite, "--", "sh", "-c", "pgrep -x sleep || ps")
+    assert b"sleep" in alive.stdout or alive.stdout.strip().isdigit(), alive.stdout
+    r = wisp(server, "restart", cli_sprite, "--json")
+    assert r.returncode == 0, r.stderr
+    reply = json.loads(r.stdout)
+    assert reply["sprite_name"] == cli_sprite and isinstance(reply["machine_id"], str)
+    r = wisp(server, "exec", "-s", cli_sprite, "--", "sh", "-c",
+             "cat /home/sprite/f; ps -o comm | grep -cx sleep")
+    assert r.returncode == 1 and r.stdout == b"kept\n0\n", (r.stdout, r.stderr)
+    r = wisp(server, "restart", "-s", cli_sprite)
+    assert r.returncode == 0 and cli_sprite.encode() in r.stdout, r.stderr
+
+
+def _cli_env(config_home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WISP_")}
+    env.update(HOME=str(config_home), XDG_CONFIG_HOME=str(config_home / "config"),
+               PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def test_second_serve_keeps_the_first_as_current(leak_check: Path, tmp_path: Path) -> None:
+    """Two `wisp serve` on two data dirs both register a context in client.json; the
+    second does not take "current" from the first, the CLI reaches each one by name, and
+    after the second stops the CLI (no flags) still reaches the first. The first server's
+    printed "Try:" command works exactly as printed."""
+    home = tmp_path / "home"
+    env = {"WISP_NO_CLIENT_CONFIG": "", "HOME": str(home),
+           "XDG_CONFIG_HOME": str(home / "config")}
+    first = WispServer(leak_check / "ctx-first", extra_env=env)
+    second = WispServer(leak_check / "ctx-second", extra_env=env)
+    first.start()
+    try:
+        second.start()
+        try:
+            saved = json.loads((home / "config" / "wisp" / "client.json").read_text())
+            assert saved["current"] == "ctx-first"
+            assert {n: c["api"] for n, c in saved["contexts"].items()} == {
+                "ctx-first": first.url, "ctx-second": second.url}
+            cli_env = _cli_env(home)
+
+            def wisp_ctx(*args: str) -> subprocess.CompletedProcess[bytes]:
+                return subprocess.run([sys.executable, "-m", "wisp.cli", *args], env=cli_env,
+                                      cwd=tmp_path, capture_output=True, timeout=120)
+
+            assert wisp_ctx("create", "on-second", "--context", "ctx-second").returncode == 2
+            r = wisp_ctx("--context", "ctx-second", "create", "on-second")
+            assert r.returncode == 0, r.stderr
+            assert b"on-second" not in wisp_ctx("list").stdout
+        finally:
+            second.stop()
+        r = wisp_ctx("list")
+        assert r.returncode == 0, r.stderr
+        r = wisp_ctx("--context", "ctx-second", "list")
+        assert r.returncode == 1 and r.stderr.startswith(b"error: cannot reach"), r.stderr
+        banner = first.log.read_text()
+        try_line = next(line for line in banner.splitlines() if line.startswith("Try:"))
+        r = subprocess.run(["bash", "-c", try_line.removeprefix("Try:").strip()], env=cli_env,
+                           cwd=tmp_path, capture_output=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith(b"created sprite hello\nLinux"), r
+    finally:
+        first.stop()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -41,11 +43,17 @@ from wisp.cli.main import cli
 from wisp.client import (
     ApiError,
     Client,
+    ClientConfig,
     ConfigError,
     ConnectError,
+    Context,
+    announce_server,
     client_config_path,
     discover_endpoint,
-    write_client_config,
+    load_client_config,
+    register_server,
+    resolve_endpoint,
+    save_client_config,
 )
 
 TOKEN = "org/1/abc/def"
@@ -136,6 +144,15 @@ def make_stub_app(state: StubState) -> Starlette:
             return missing(request.path_params["name"])
         return JSONResponse(state.add(body["name"], body["labels"]), status_code=201)
 
+    async def restart(request: Request) -> Response:
+        if (r := denied(request)) is not None:
+            return r
+        name = request.path_params["name"]
+        if name not in state.sprites:
+            return missing(name)
+        return JSONResponse({"sprite_name": name, "machine_id": state.sprites[name]["id"],
+                             "message": "sprite restarted"})
+
     async def checkpoint_create(request: Request) -> Response:
         if (r := denied(request)) is not None:
             return r
@@ -151,6 +168,7 @@ def make_stub_app(state: StubState) -> Starlette:
                               "time": NOW}) + "\n"
             await asyncio.sleep(0.01)
             if body.get("comment") == "fail":
+                await asyncio.sleep(0.3)  # long enough for a terminal spinner to be drawn
                 yield json.dumps({"type": "error", "error": "Checkpoint failed: disk full",
                                   "time": NOW}) + "\n"
                 return
@@ -226,6 +244,7 @@ def make_stub_app(state: StubState) -> Starlette:
         Route("/v1/sprites", create_sprite, methods=["POST"]),
         Route("/v1/sprites/{name}", sprite, methods=["GET", "DELETE"]),
         Route("/v1/sprites/{name}/fork", fork, methods=["POST"]),
+        Route("/v1/sprites/{name}/restart", restart, methods=["POST"]),
         Route("/v1/sprites/{name}/checkpoint", checkpoint_create, methods=["POST"]),
         Route("/v1/sprites/{name}/checkpoints", checkpoint_list, methods=["GET"]),
         Route("/v1/sprites/{name}/checkpoints/{cp}", checkpoint_one, methods=["GET", "DELETE"]),
@@ -272,6 +291,10 @@ async def _pipe_program(ws: WebSocket, cmd: list[str], state: StubState) -> None
     elif prog == "lose":  # the connection drops before any exit status
         await ws.close(code=1011)
         return
+    elif prog == "partial-lose":  # half a line of output, then the connection drops
+        await ws.send_bytes(b"\x01no newline")
+        await ws.close(code=1011)
+        return
     else:  # report what arrived
         await ws.send_bytes(b"\x01" + json.dumps(state.exec_queries[-1]).encode() + b"\n")
     await ws.send_bytes(bytes([3, code]))
@@ -293,6 +316,9 @@ async def _tty_program(ws: WebSocket, cmd: list[str]) -> None:
             await ws.send_bytes(data)
         await ws.send_text(json.dumps({"type": "exit", "exit_code": 3}))
         await ws.close(code=4003)
+    elif prog == "tty-lose":  # a prompt (no newline), then the connection drops
+        await ws.send_bytes(b"sprite:~$ ")
+        await ws.close(code=1011)
     elif prog == "tty-close":  # only the close code carries the status
         await ws.send_bytes(b"bye\r\n")
         await ws.close(code=4005)
@@ -352,7 +378,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     is read and nothing is written outside tmp_path."""
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    for var in ("WISP_API", "WISP_TOKEN", "WISP_SPRITE"):
+    for var in ("WISP_API", "WISP_TOKEN", "WISP_SPRITE", "WISP_CONTEXT",
+                "WISP_SERVE_CONTEXT", "WISP_NO_CLIENT_CONFIG"):
         monkeypatch.delenv(var, raising=False)
     work = tmp_path / "work"
     work.mkdir()
@@ -381,8 +408,11 @@ def test_exported_members() -> None:
     assert wisp.cli.__all__ == ["cli", "main"]
     assert set(wisp.client.__all__) == {
         "Client", "ClientError", "ConfigError", "ConnectError", "ApiError", "ProtocolError",
-        "Sprite", "Checkpoint", "ProgressEvent", "client_config_path", "load_client_config",
-        "write_client_config", "discover_endpoint", "USER_AGENT"}
+        "Sprite", "Checkpoint", "ProgressEvent", "RestartResult", "Context", "ClientConfig",
+        "Endpoint", "LOCAL_CONTEXT", "check_context_name", "check_api_url",
+        "client_config_path", "load_client_config", "save_client_config",
+        "edit_client_config", "register_server", "resolve_endpoint", "discover_endpoint",
+        "announce_server", "USER_AGENT"}
     for name in wisp.client.__all__:
         assert hasattr(wisp.client, name)
 
@@ -398,8 +428,8 @@ def test_help_imports_no_heavy_libraries() -> None:
     assert out.stdout.strip() == "[]"
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for verb in ("create", "list", "show", "use", "exec", "console", "checkpoint", "restore",
-                 "fork", "destroy", "serve", "image"):
+    for verb in ("create", "list", "show", "use", "exec", "console", "restart", "checkpoint",
+                 "restore", "fork", "destroy", "context", "serve", "image"):
         assert f"  {verb} " in result.output
 
 
@@ -416,46 +446,231 @@ def test_usage_errors_exit_2(run: Any) -> None:
 # --------------------------------------------------------------------------- discovery
 
 
+def _save(current: str | None, **contexts: tuple[str, str | None]) -> Path:
+    return save_client_config(ClientConfig(
+        {name: Context(api, token) for name, (api, token) in contexts.items()}, current))
+
+
 def test_discover_endpoint_precedence(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Explicit arguments beat WISP_API/WISP_TOKEN, which beat client.json; the file's
-    token is never paired with a different API URL."""
-    path = write_client_config("http://127.0.0.1:7770", "file-token")
+    """Explicit arguments beat WISP_API/WISP_TOKEN, which beat the context (--context,
+    then WISP_CONTEXT, then the current one); a context's token is never paired with a
+    different API URL."""
+    path = _save("a", a=("http://127.0.0.1:7770", "a-token"), b=("http://127.0.0.2:7770/", "b"))
     assert path == home / "config" / "wisp" / "client.json"
     assert path.stat().st_mode & 0o777 == 0o600
-    assert discover_endpoint() == ("http://127.0.0.1:7770", "file-token")
+    assert discover_endpoint() == ("http://127.0.0.1:7770", "a-token")
+    assert discover_endpoint(context="b") == ("http://127.0.0.2:7770", "b")
+    monkeypatch.setenv("WISP_CONTEXT", "b")
+    assert discover_endpoint() == ("http://127.0.0.2:7770", "b")
+    assert discover_endpoint(context="a") == ("http://127.0.0.1:7770", "a-token")
     monkeypatch.setenv("WISP_TOKEN", "env-token")
-    assert discover_endpoint() == ("http://127.0.0.1:7770", "env-token")
+    assert discover_endpoint() == ("http://127.0.0.2:7770", "env-token")
     monkeypatch.setenv("WISP_API", "http://10.0.0.1:1/")
     monkeypatch.delenv("WISP_TOKEN")
-    assert discover_endpoint() == ("http://10.0.0.1:1", None)  # file token not leaked
-    assert discover_endpoint("http://127.0.0.1:7770/", None) == (
-        "http://127.0.0.1:7770", "file-token")  # same server as the file: its token
+    assert discover_endpoint() == ("http://10.0.0.1:1", None)  # b's token not leaked
+    found = resolve_endpoint()
+    assert (found.context, found.source) == (None, "WISP_API")
+    assert discover_endpoint("http://127.0.0.2:7770", None) == (
+        "http://127.0.0.2:7770", "b")  # the URL of the selected context: its token
     assert discover_endpoint("https://x", "opt") == ("https://x", "opt")
+    monkeypatch.delenv("WISP_API")
+    found = resolve_endpoint(context="a")
+    assert (found.api, found.context) == ("http://127.0.0.1:7770", "a")
+    assert found.source.startswith("context a (--context")
 
 
 def test_discover_endpoint_errors(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No configuration, a malformed client.json and a non-HTTP URL are clear ConfigErrors;
-    a relative XDG_CONFIG_HOME is ignored as the XDG spec says."""
-    with pytest.raises(ConfigError, match="--api"):
+    """No configuration, a malformed client.json, an unknown context, contexts but no
+    current one and a non-HTTP URL are clear ConfigErrors; a relative XDG_CONFIG_HOME is
+    ignored as the XDG spec says."""
+    with pytest.raises(ConfigError, match="--api.*wisp context add"):
         discover_endpoint()
     path = client_config_path()
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         discover_endpoint()
+    path.write_text('{"contexts": {"a": {"token": "t"}}}')
+    with pytest.raises(ConfigError, match="'a' must be an object with a string"):
+        discover_endpoint()
+    _save(None, a=("http://127.0.0.1:1", "t"))
+    with pytest.raises(ConfigError, match="no current context.*wisp context use NAME"):
+        discover_endpoint()
+    with pytest.raises(ConfigError, match="no context 'typo'.*known: a"):
+        discover_endpoint("http://127.0.0.1:1", context="typo")
     with pytest.raises(ConfigError, match="http"):
         discover_endpoint("127.0.0.1:7770", "t")
     monkeypatch.setenv("XDG_CONFIG_HOME", "relative/dir")
     assert client_config_path() == home / ".config" / "wisp" / "client.json"
 
 
+def test_old_single_server_file_is_migrated(home: Path) -> None:
+    """A client.json in the single-server form of earlier versions is read as the current
+    context "local"; the next change saves the new form with that context kept."""
+    path = client_config_path()
+    path.parent.mkdir(parents=True)
+    path.write_text('{"api": "http://127.0.0.1:7770", "token": "old"}')
+    assert discover_endpoint() == ("http://127.0.0.1:7770", "old")
+    result = CliRunner().invoke(cli, ["context", "add", "other", "http://10.0.0.1:7770"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(path.read_text())
+    assert doc == {"current": "local", "contexts": {
+        "local": {"api": "http://127.0.0.1:7770", "token": "old"},
+        "other": {"api": "http://10.0.0.1:7770", "token": None}}}
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_register_server_keeps_contexts_and_current(home: Path) -> None:
+    """`wisp serve` registration: the default data dir is "local", another data dir its
+    folder name; a second server is added beside the first without taking "current";
+    the same data dir keeps its name across restarts; a name owned by another data dir or
+    added by hand gets a suffix; an explicit name wins; with no current context (or its
+    own name current) the server becomes current."""
+    assert register_server("http://127.0.0.1:7770", "t1", Path("/var/lib/wisp")) == (
+        "local", True)
+    assert register_server("http://127.0.0.1:7771", "t2", Path("/srv/Wisp Two")) == (
+        "wisp-two", False)
+    assert register_server("http://127.0.0.1:7772", "t2b", Path("/srv/Wisp Two")) == (
+        "wisp-two", False)  # restarted on another port: same entry, new URL
+    assert register_server("http://127.0.0.1:7773", "t3", Path("/other/wisp-two")) == (
+        "wisp-two-2", False)
+    _add = CliRunner().invoke(cli, ["context", "add", "mine", "https://remote:7770"])
+    assert _add.exit_code == 0, _add.output
+    assert register_server("http://127.0.0.1:7774", "t4", Path("/x/mine")) == (
+        "mine-2", False)
+    assert register_server("http://127.0.0.1:7775", "t5", Path("/y"), name="staging") == (
+        "staging", False)
+    assert register_server("http://127.0.0.1:7776", "t1", Path("/var/lib/wisp")) == (
+        "local", True)
+    config = load_client_config()
+    assert config.current == "local"
+    assert {n: (c.api, c.token, c.data_dir) for n, c in config.contexts.items()} == {
+        "local": ("http://127.0.0.1:7776", "t1", "/var/lib/wisp"),
+        "wisp-two": ("http://127.0.0.1:7772", "t2b", "/srv/Wisp Two"),
+        "wisp-two-2": ("http://127.0.0.1:7773", "t3", "/other/wisp-two"),
+        "mine": ("https://remote:7770", None, None),
+        "mine-2": ("http://127.0.0.1:7774", "t4", "/x/mine"),
+        "staging": ("http://127.0.0.1:7775", "t5", "/y")}
+    assert CliRunner().invoke(cli, ["context", "remove", "local"]).exit_code == 0
+    assert register_server("http://127.0.0.1:7777", "t6", Path("/z")) == ("z", True)
+
+
+def test_old_file_from_another_server_is_taken_over_by_local(home: Path) -> None:
+    """The migrated single-server entry ("local", no data dir) is replaced by the server
+    on the default data dir even when it pointed elsewhere (an old test server's port)."""
+    path = client_config_path()
+    path.parent.mkdir(parents=True)
+    path.write_text('{"api": "http://127.0.0.1:45678", "token": "stale"}')
+    assert register_server("http://127.0.0.1:7770", "t", Path("/var/lib/wisp")) == (
+        "local", True)
+    assert discover_endpoint() == ("http://127.0.0.1:7770", "t")
+
+
 def test_cli_reads_client_json(stub: Stub, home: Path) -> None:
-    """With no flags and no env, the CLI finds the server and token in client.json."""
+    """With no flags and no env, the CLI finds the server and token in the current
+    context of client.json."""
     stub.state.add("alpha")
-    write_client_config(stub.url, TOKEN)
+    _save("s", s=(stub.url, TOKEN))
     result = CliRunner().invoke(cli, ["list", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert [s["name"] for s in json.loads(result.stdout)] == ["alpha"]
+
+
+def test_context_commands(stub: Stub, home: Path) -> None:
+    """`wisp context add|list|use|show|remove` keep named servers; `--context NAME` and
+    WISP_CONTEXT pick one for one command; WISP_API still comes first; an unknown
+    name exits 1 with a message."""
+    stub.state.add("alpha")
+
+    def wisp(*args: str, input: str | None = None,
+             env: dict[str, str | None] | None = None) -> Result:
+        return CliRunner().invoke(cli, list(args), input=input, env=env,
+                                  catch_exceptions=False)
+
+    r = wisp("context", "add", "stub", stub.url, "--token", "-", input=TOKEN + "\n")
+    assert (r.exit_code, r.stdout) == (0, f"added context stub ({stub.url}), now current\n")
+    assert wisp("context", "add", "dead", "http://127.0.0.1:1").exit_code == 0
+    assert wisp("context", "add", "bad name", stub.url).exit_code == 2
+    assert wisp("context", "add", "x", "ftp://h").exit_code == 2
+    assert wisp("list", "--json").exit_code == 0  # stub is current
+    listed = json.loads(wisp("context", "list", "--json").stdout)
+    assert listed == {"current": "stub", "contexts": {
+        "dead": {"api": "http://127.0.0.1:1", "data_dir": None},
+        "stub": {"api": stub.url, "data_dir": None}}}
+    table = wisp("context", "list").stdout.splitlines()
+    assert table[0].split() == ["CURRENT", "NAME", "API", "DATA", "DIR"]
+    assert table[2].split()[:3] == ["*", "stub", stub.url]
+    assert wisp("--context", "dead", "list").stderr.startswith("error: cannot reach")
+    assert wisp("list", env={"WISP_CONTEXT": "dead"}).exit_code == 1
+    assert wisp("list", env={"WISP_CONTEXT": "dead", "WISP_API": stub.url,
+                             "WISP_TOKEN": TOKEN}).exit_code == 0
+    r = wisp("--context", "nope", "list")
+    assert r.exit_code == 1 and r.stderr.startswith("error: no context 'nope'")
+    shown = wisp("context", "show").stdout
+    assert f"api      {stub.url}" in shown and TOKEN not in shown
+    assert "context  stub" in shown and "current context" in shown
+    shown = json.loads(wisp("context", "show", "--json", "--show-token").stdout)
+    assert (shown["context"], shown["api"], shown["token"]) == ("stub", stub.url, TOKEN)
+    r = wisp("context", "use", "dead")
+    assert (r.exit_code, r.stdout) == (0, "using context dead (http://127.0.0.1:1)\n")
+    assert wisp("context", "show", "stub", "--json").exit_code == 0
+    assert wisp("list").exit_code == 1
+    assert wisp("context", "use", "nope").exit_code == 1
+    r = wisp("context", "remove", "dead")
+    assert r.exit_code == 0 and "no current context" in r.stdout
+    assert wisp("context", "remove", "dead").exit_code == 1
+    assert load_client_config().current is None
+    r = wisp("list")
+    assert r.exit_code == 1 and "wisp context use NAME" in r.stderr
+
+
+def test_serve_banner_registers_and_try_line_runs(stub: Stub, home: Path,
+                                                  tmp_path: Path) -> None:
+    """The block `wisp serve` prints: it registers the server (not current when another
+    context is), and its "Try:" line is a shell command that works as printed: plain
+    `wisp` when the PATH finds this installation's script, else the script's path, with
+    --context when the server is not current; WISP_NO_CLIENT_CONFIG=1 writes nothing and
+    passes --api/--token instead."""
+    stub.state.add("hello")  # `create hello` fails (exists) and stops the `&&` chain
+    script = REPO / ".venv" / "bin" / "wisp"
+    if Path(sys.executable).parent / "wisp" != script:
+        pytest.skip("needs the tests to run in the repository's .venv")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "wisp").symlink_to(script)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(home),
+           "XDG_CONFIG_HOME": str(home / "config")}
+
+    def try_line(text: str) -> str:
+        line = next(x for x in text.splitlines() if x.startswith("Try:"))
+        return line.removeprefix("Try:").strip()
+
+    def first_command(text: str) -> subprocess.CompletedProcess[str]:
+        command = try_line(text).split(" && ")[0].replace("create hello", "list")
+        return subprocess.run(["bash", "-c", command], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    banner = announce_server(stub.url, TOKEN, home / "one", env=env)
+    assert "Context:   one (current)" in banner
+    assert try_line(banner) == "wisp create hello && wisp exec -s hello -- uname -a"
+    assert first_command(banner).returncode == 0
+    banner = announce_server("http://127.0.0.1:1", "t", home / "two", env=env)
+    assert try_line(banner).startswith("wisp --context two create hello && wisp --context two")
+    assert first_command(banner).stderr.startswith("error: cannot reach")
+    without = {**env, "PATH": "/usr/bin:/bin"}
+    banner = announce_server(stub.url, TOKEN, home / "one", env=without)
+    assert try_line(banner).startswith(f"{script} create hello")
+    before = client_config_path(env).read_bytes()
+    banner = announce_server(stub.url, TOKEN, home / "three",
+                             env={**env, "WISP_NO_CLIENT_CONFIG": "1"})
+    assert client_config_path(env).read_bytes() == before
+    assert try_line(banner).startswith(f"wisp --api {stub.url} --token {TOKEN} create hello")
+    assert first_command(banner).returncode == 0
+    banner = announce_server(stub.url, TOKEN, home / "four",
+                             env={**env, "WISP_SERVE_CONTEXT": "named"})
+    assert "Context:   named in" in banner
+    assert load_client_config(client_config_path(env)).contexts["named"].data_dir == str(
+        home / "four")
 
 
 def test_cli_without_server_config_fails_clearly(home: Path) -> None:
@@ -586,6 +801,24 @@ def test_use_rejects_unknown_sprite_and_missing_selection(run: Any, stub: Stub,
     result = run("checkpoint", "list")
     assert result.exit_code == 2
     assert "wisp use NAME" in result.output
+
+
+def test_restart(run: Any, stub: Stub, home: Path) -> None:
+    """`wisp restart NAME`, `-s NAME` and the selected sprite all POST
+    /v1/sprites/{name}/restart; --json prints the reply; an unknown sprite exits 1."""
+    stub.state.add("box")
+    result = run("restart", "box")
+    assert (result.exit_code, result.stdout) == (0, "restarted sprite box\n")
+    assert stub.state.requests[-1][:2] == ("POST", "/v1/sprites/box/restart")
+    reply = json.loads(run("restart", "-s", "box", "--json").stdout)
+    assert reply == {"sprite_name": "box", "machine_id": stub.state.sprites["box"]["id"],
+                     "message": "sprite restarted"}
+    (home / "work" / ".wisp-sprite").write_text("box\n")
+    assert run("restart").exit_code == 0
+    assert stub.state.requests[-1][:2] == ("POST", "/v1/sprites/box/restart")
+    assert run("restart", "box", "-s", "other").exit_code == 2
+    result = run("restart", "ghost")
+    assert (result.exit_code, result.stderr) == (1, "error: sprite 'ghost' not found\n")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -789,3 +1022,86 @@ def test_serve_help_is_local(home: Path) -> None:
     assert result.exit_code == 0
     assert "127.0.0.1:7770" in result.output and "/var/lib/wisp" in result.output
     assert isinstance(cli, click.Group)
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+def _run_in_terminal(args: list[str], env: dict[str, str], timeout: float = 60) -> bytes:
+    """Run `wisp ARGS` with stdin, stdout and stderr on one pseudo-terminal (as a user at
+    a shell would) and return everything the terminal received."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "wisp.cli", *args], stdin=slave,
+                            stdout=slave, stderr=slave, env=env, cwd=REPO,
+                            start_new_session=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"wisp {args} still running; output so far {out!r}")
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not data:
+                break
+            out += data
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    return out
+
+
+def _text_before(out: bytes, marker: bytes) -> bytes:
+    """What the terminal line holding `marker` shows left of it (escape codes removed)."""
+    head = out[:out.index(marker)]
+    line = re.split(rb"[\r\n]", head)[-1]
+    return re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", line)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["checkpoint", "create", "-s", "box", "-m", "fail"],
+     b"error: Checkpoint failed: disk full\r\n"),
+    (["exec", "-s", "box", "partial-lose"], b"error: connection closed"),
+    (["exec", "-t", "-s", "box", "tty-lose"], b"error: connection closed"),
+], ids=["progress-spinner", "exec-partial-line", "tty-exec-prompt"])
+def test_error_line_starts_its_own_line_on_a_terminal(stub: Stub, home: Path, args: list[str],
+                                                      message: bytes) -> None:
+    """On a terminal, `error: ...` is a line of its own that ends with a newline: not
+    glued to the progress spinner (checkpoint error event) nor to a remote command's last
+    unfinished output line (connection lost in exec and in a TTY exec)."""
+    stub.state.add("box")
+    env = {**os.environ, "WISP_API": stub.url, "WISP_TOKEN": TOKEN, "TERM": "xterm-256color",
+           "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"), "PYTHONPATH": str(REPO)}
+    env.pop("WISP_SPRITE", None)
+    out = _run_in_terminal(args, env)
+    assert message in out, out
+    assert _text_before(out, b"error:") == b"", out
+    tail = out[out.index(b"error:"):]
+    assert tail.endswith(b"\r\n") and tail.count(b"\n") == 1, out
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def test_make_links_wisp_onto_the_path(tmp_path: Path) -> None:
+    """`make bin` (a step of `make install`, so of `make run` and `make test`) links
+    BINDIR/wisp to the venv's script: the `wisp` that `make run` tells you to try is then
+    found on the PATH and runs this checkout's CLI."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    r = subprocess.run(["make", "-s", "-C", str(REPO), "bin", f"BINDIR={bindir}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    found = subprocess.run(["bash", "-c", "command -v wisp && wisp --version"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    path, version = found.stdout.splitlines()
+    assert os.path.samefile(path, REPO / ".venv" / "bin" / "wisp")
+    assert version.startswith("wisp, version ")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from wisp.cli.context import State, json_option, resolve_sprite, sprite_option
+from wisp.cli.common import State, json_option, resolve_sprite, sprite_option
 
 __all__ = ["checkpoint", "restore"]
 

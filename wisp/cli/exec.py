@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 import click
 
-from wisp.cli.context import State, fail, resolve_sprite, sprite_option
+from wisp.cli.common import State, fail, resolve_sprite, sprite_option
 
 if TYPE_CHECKING:
     from websockets.sync.client import ClientConnection
@@ -170,7 +170,13 @@ def _pump_stdin(ws: ClientConnection, stdin: IO[bytes], *, framed: bool) -> None
 
 class _Lost(Exception):
     """The connection ended without an exit status; reported once the terminal is back
-    in cooked mode (a message printed in raw mode would lose its carriage return)."""
+    in cooked mode (a message printed in raw mode would lose its carriage return).
+    `mid_line`: the last output went to a terminal and did not end its line (a shell
+    prompt, say), so the error must start on a new line."""
+
+    def __init__(self, message: str, mid_line: bool) -> None:
+        super().__init__(message)
+        self.mid_line = mid_line
 
 
 def _receive(ws: ClientConnection, out: IO[bytes], err: IO[bytes], tty: bool) -> int:
@@ -180,6 +186,16 @@ def _receive(ws: ClientConnection, out: IO[bytes], err: IO[bytes], tty: bool) ->
     from wisp.client import ProtocolError
 
     remote_tty = tty
+    terminals = {id(s) for s in (out, err) if _isatty(s)}
+    mid_line = False
+
+    def write(stream: IO[bytes], data: bytes) -> None:
+        nonlocal mid_line
+        stream.write(data)
+        stream.flush()
+        if data and id(stream) in terminals:
+            mid_line = not data.endswith(b"\n")
+
     try:
         for message in ws:
             if isinstance(message, str):
@@ -198,18 +214,15 @@ def _receive(ws: ClientConnection, out: IO[bytes], err: IO[bytes], tty: bool) ->
                         raise ProtocolError(f"bad exit message {message!r}") from None
                 continue
             if remote_tty:
-                out.write(message)
-                out.flush()
+                write(out, message)
                 continue
             if not message:
                 continue
             stream, payload = message[0], message[1:]
             if stream == STDOUT:
-                out.write(payload)
-                out.flush()
+                write(out, payload)
             elif stream == STDERR:
-                err.write(payload)
-                err.flush()
+                write(err, payload)
             elif stream == EXIT:
                 return payload[0] if payload else 0
     except ConnectionClosed:
@@ -221,7 +234,7 @@ def _receive(ws: ClientConnection, out: IO[bytes], err: IO[bytes], tty: bool) ->
         return close - 4000
     reason = f" ({ws.close_reason})" if ws.close_reason else ""
     raise _Lost(f"connection closed before the command's exit status "
-                f"(close code {close}{reason})")
+                f"(close code {close}{reason})", mid_line)
 
 
 def run_session(state: State, sprite: str, cmd: Sequence[str], *, tty: bool,
@@ -241,6 +254,9 @@ def run_session(state: State, sprite: str, cmd: Sequence[str], *, tty: bool,
     try:
         return _attach(ws, stdin, out, err, tty=tty, local_tty=local_tty, forward=forward)
     except _Lost as exc:
+        if exc.mid_line and _isatty(err):
+            err.write(b"\n")  # the error line must not continue the remote's last line
+            err.flush()
         fail(str(exc), LOST_CONNECTION)
     except BrokenPipeError:
         # The local reader went away (`wisp exec ... | head`): stop quietly, like a
@@ -256,6 +272,8 @@ def run_session(state: State, sprite: str, cmd: Sequence[str], *, tty: bool,
 
 def _attach(ws: ClientConnection, stdin: IO[bytes], out: IO[bytes], err: IO[bytes], *,
             tty: bool, local_tty: bool, forward: bool) -> int:
+    from websockets.exceptions import ConnectionClosed
+
     advertised = ws.response.headers.get("X-Sprite-Capabilities") if ws.response else None
     capabilities = {c.strip() for c in (advertised or "").split(",")}
     with ExitStack() as stack:
@@ -273,7 +291,10 @@ def _attach(ws: ClientConnection, stdin: IO[bytes], out: IO[bytes], err: IO[byte
             threading.Thread(target=_pump_stdin, args=(ws, stdin),
                              kwargs={"framed": not tty}, daemon=True).start()
         elif not tty:  # (in TTY mode 0x04 would be a Ctrl-D keystroke)
-            ws.send(bytes([STDIN_EOF]))
+            try:
+                ws.send(bytes([STDIN_EOF]))
+            except ConnectionClosed:
+                pass  # already over (a short command, or lost): _receive says which
         return _receive(ws, out, err, tty)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from wisp.cli.context import json_option
+from wisp.cli.common import json_option
 
 if TYPE_CHECKING:
     from wisp.images import ImageStore

@@ -2,8 +2,8 @@
 
 Every sprite/exec/checkpoint verb goes through `wisp.client.Client` to the server, never
 into the engine directly, so the CLI exercises exactly what the SDKs use. Options can come
-from WISP_* environment variables (`--api` = WISP_API, `--token` = WISP_TOKEN, and
-`WISP_<COMMAND>_<OPTION>` for the rest).
+from WISP_* environment variables (`--api` = WISP_API, `--token` = WISP_TOKEN, `--context` =
+WISP_CONTEXT, and `WISP_<COMMAND>_<OPTION>` for the rest).
 
 Exit codes: 0 ok; 1 the operation failed (`error: <message>` on stderr); 2 usage error;
 `wisp exec`/`console` exit with the remote command's code (255: connection lost).
@@ -17,11 +17,12 @@ import click
 
 from wisp import __version__
 from wisp.cli.checkpoints import checkpoint, restore
-from wisp.cli.context import State, fail, known_error_message
+from wisp.cli.common import State, fail, known_error_message
+from wisp.cli.contexts import context
 from wisp.cli.exec import console, exec_
 from wisp.cli.images import image
 from wisp.cli.serve import serve
-from wisp.cli.sprites import create, destroy, fork, list_, show, use
+from wisp.cli.sprites import create, destroy, fork, list_, restart, show, use
 
 __all__ = ["cli", "main"]
 
@@ -48,17 +49,20 @@ class WispGroup(click.Group):
                                               "help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="wisp")
 @click.option("--api", metavar="URL", envvar="WISP_API", show_envvar=True,
-              help="Wisp API URL [default: from ~/.config/wisp/client.json].")
+              help="Wisp API URL [default: the context's].")
 @click.option("--token", metavar="TOKEN", envvar="WISP_TOKEN", show_envvar=True,
-              help="API bearer token [default: from ~/.config/wisp/client.json].")
+              help="API bearer token [default: the context's].")
+@click.option("--context", metavar="NAME", envvar="WISP_CONTEXT", show_envvar=True,
+              help="Server to use, by its name in ~/.config/wisp/client.json "
+                   "[default: the current context].")
 @click.pass_context
-def cli(ctx: click.Context, api: str | None, token: str | None) -> None:
+def cli(ctx: click.Context, api: str | None, token: str | None, context: str | None) -> None:
     """Wisp: persistent Linux sandboxes ("sprites") on this host."""
-    ctx.obj = State(api, token)
+    ctx.obj = State(api, token, context)
 
 
-for command in (create, list_, show, use, exec_, console, checkpoint, restore, fork,
-                destroy, serve, image):
+for command in (create, list_, show, use, exec_, console, restart, checkpoint, restore, fork,
+                destroy, context, serve, image):
     cli.add_command(command)
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from wisp.cli.context import fail
+from wisp.cli.common import fail
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
 __all__ = ["serve"]
+
+
+def _context_name(ctx: click.Context, param: click.Parameter,
+                  value: str | None) -> str | None:
+    from wisp.client import ConfigError, check_context_name
+
+    if value is None:
+        return None
+    try:
+        return check_context_name(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
 
 
 @click.command()
@@ -19,13 +32,22 @@ __all__ = ["serve"]
 @click.option("--config", "config_file", envvar="WISP_CONFIG", show_envvar=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
               help="TOML config file (storage backend, sprite defaults).")
-def serve(data_dir: Path | None, listen: str | None, config_file: Path | None) -> None:
+@click.option("--context", "context_name", metavar="NAME", envvar="WISP_SERVE_CONTEXT",
+              show_envvar=True, callback=_context_name,
+              help="Name to register this server under in ~/.config/wisp/client.json "
+                   "[default: local for /var/lib/wisp, else the data dir's folder name].")
+def serve(data_dir: Path | None, listen: str | None, config_file: Path | None,
+          context_name: str | None) -> None:
     """Run the Wisp API server (as root) until interrupted.
 
-    On start it writes the API URL and token to ~/.config/wisp/client.json, so `wisp` on
-    this host needs no --api/--token."""
+    On start it registers the API URL and token as a context in
+    ~/.config/wisp/client.json (current unless another context is), so `wisp` on this
+    host needs no --api/--token. WISP_NO_CLIENT_CONFIG=1 leaves that file alone."""
     # Unset options stay None so that wisp.config.load_config applies its own order
     # (defaults < config file < WISP_* env < these options).
     from wisp.server import serve as run_server
+
+    if context_name is not None:  # read by wisp.client.announce_server
+        os.environ["WISP_SERVE_CONTEXT"] = context_name
 
     run_server(data_dir=data_dir, listen=listen, config_file=config_file)

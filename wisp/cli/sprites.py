@@ -1,4 +1,4 @@
-"""Sprite lifecycle verbs: create, list, show, destroy, use, fork."""
+"""Sprite lifecycle verbs: create, list, show, destroy, use, fork, restart."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ from typing import Any
 
 import click
 
-from wisp.cli.context import (
+from wisp.cli.common import (
     SPRITE_FILE,
     State,
     fail,
     find_sprite_file,
     json_option,
     resolve_sprite,
+    sprite_option,
 )
 
-__all__ = ["create", "list_", "show", "destroy", "use", "fork"]
+__all__ = ["create", "list_", "show", "destroy", "use", "fork", "restart"]
 
 SHOW_FIELDS = ("name", "id", "status", "labels", "url", "organization", "version",
                "created_at", "updated_at", "last_running_at", "last_warming_at")
@@ -136,3 +137,25 @@ def fork(state: State, source: str, new_name: str, checkpoint: str | None,
     else:
         origin = f"{source}@{checkpoint}" if checkpoint else source
         click.echo(f"forked {origin} into sprite {sprite.get('name', new_name)}")
+
+
+@click.command()
+@click.argument("name", required=False)
+@sprite_option
+@json_option
+@click.pass_obj
+def restart(state: State, name: str | None, sprite: str | None, as_json: bool) -> None:
+    """Restart a sprite: end every process in it, keep its disk, run it again.
+
+    The last resort for a wedged sprite: open exec and console sessions end too. NAME, or
+    -s NAME, or the selected sprite."""
+    if name and sprite and name != sprite:
+        raise click.UsageError(f"two sprites given: {name} and -s {sprite}")
+    target = resolve_sprite(name or sprite)
+    reply = state.client().restart_sprite(target)
+    if as_json:
+        from wisp.cli.output import print_json
+
+        print_json(reply)
+    else:
+        click.echo(f"restarted sprite {reply.get('sprite_name') or target}")

@@ -9,16 +9,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 if TYPE_CHECKING:
-    from wisp.client import Client
+    from wisp.client import Client, Endpoint
 
 __all__ = [
     "SPRITE_FILE",
     "State",
+    "Failure",
     "fail",
     "known_error_message",
     "sprite_option",
@@ -34,31 +35,56 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class State:
-    """`ctx.obj` of the root group: the --api/--token values and the lazily built client."""
+    """`ctx.obj` of the root group: the --api/--token/--context values and the lazily
+    built client."""
 
-    def __init__(self, api: str | None, token: str | None) -> None:
+    def __init__(self, api: str | None, token: str | None,
+                 context: str | None = None) -> None:
         self.api = api
         self.token = token
+        self.context = context
         self._client: Client | None = None
 
-    def client(self) -> Client:
-        """Resolve the endpoint (options/env, then client.json) on first use only, so
-        local commands (`serve`, `image`, `use` without a check) never need a server."""
-        if self._client is None:
-            from wisp.client import Client, discover_endpoint
+    def endpoint(self) -> Endpoint:
+        """The server this command talks to (`wisp.client.resolve_endpoint`)."""
+        from wisp.client import resolve_endpoint
 
-            api, token = discover_endpoint(self.api, self.token)
-            self._client = Client(api, token)
+        return resolve_endpoint(self.api, self.token, context=self.context)
+
+    def client(self) -> Client:
+        """Resolve the endpoint (options/env, then a context of client.json) on first use
+        only, so local commands (`serve`, `image`, `context`, `use --no-check`) never need
+        a server."""
+        if self._client is None:
+            from wisp.client import Client
+
+            found = self.endpoint()
+            self._client = Client(found.api, found.token)
             ctx = click.get_current_context(silent=True)
             if ctx is not None:
                 ctx.find_root().call_on_close(self._client.close)
         return self._client
 
 
+class Failure(click.ClickException):
+    """An expected failure: click prints `error: <message>` (one line, newline-terminated)
+    to stderr and exits with `exit_code`.
+
+    Raised instead of printing on the spot so that the line is written only after every
+    `with` block of the command has closed: a progress spinner (Rich keeps redrawing its
+    line on the terminal) or a raw-mode terminal would otherwise swallow or mangle it."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message.rstrip("\n"))
+        self.exit_code = code  # type: ignore[misc]  # click reads it per instance
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.message}", file=file, err=file is None)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print `error: <message>` to stderr and exit; 1 = the operation failed."""
-    click.echo(f"error: {message}", err=True)
-    raise click.exceptions.Exit(code)
+    """Exit with `error: <message>` on stderr; 1 = the operation failed (see `Failure`)."""
+    raise Failure(message, code)
 
 
 def known_error_message(exc: BaseException) -> str | None:
