@@ -2,7 +2,14 @@
 
 Embedded defaults need no external service: JuiceFS with SQLite metadata and a local
 directory as its object store, all under the data dir. The TOML file switches the metadata
-engine (Redis, PostgreSQL URL) and the object store (any S3 endpoint):
+engine (Redis, PostgreSQL URL) and the object store (any S3 endpoint), and sets the limits
+on connections (docs/security.md, "Limits"):
+
+    [server]
+    listen = "127.0.0.1:7770"
+    header_timeout = 10.0     # seconds from connect to a complete request head
+    keep_alive_timeout = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections = 1024    # open HTTP and WebSocket connections; more get 503 at once
 
     [storage]
     metadata = "redis://127.0.0.1:6379/1"      # or postgres://..., sqlite3://...
@@ -23,10 +30,15 @@ engine (Redis, PostgreSQL URL) and the object store (any S3 endpoint):
 
     [checkpoints]
     max_bytes = 107374182400  # all checkpoints of one sprite together
+
+Env vars override the file: WISP_DATA_DIR, WISP_LISTEN, WISP_TOKEN, WISP_IMAGES_DIR,
+WISP_IMAGE, WISP_WARM_POOL, WISP_STOP_GRACE, WISP_CHECKPOINT_MAX_BYTES, WISP_HEADER_TIMEOUT,
+WISP_KEEP_ALIVE_TIMEOUT, WISP_MAX_CONNECTIONS.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -71,6 +83,16 @@ class Config:
     #: long to exit before SIGKILL, as a computer being shut down would give them.
     stop_grace: float = 5.0
     checkpoint_max_bytes: int = 100 * GiB
+    #: A connection must deliver a complete request head this long after it opens, or
+    #: after the first byte of its next request on a keep-alive connection, or it is closed
+    #: (a slow or silent client cannot hold a socket). WebSockets are past their head.
+    header_timeout: float = 10.0
+    #: An idle keep-alive connection (between a response and the next request) is closed
+    #: after this long.
+    keep_alive_timeout: float = 5.0
+    #: Open HTTP and WebSocket connections at once; one more is answered 503 and closed at
+    #: once. Lowered at start if the process cannot have enough file descriptors.
+    max_connections: int = 1024
     org: str = "wisp"
     images_path: Path | None = None  # default: <data_dir>/images
 
@@ -120,6 +142,27 @@ def _section(doc: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
+def _check_limits(cfg: Config) -> None:
+    """The connection limits as numbers (from TOML or env text), each positive."""
+    try:
+        if any(isinstance(v, bool) for v in (cfg.header_timeout, cfg.keep_alive_timeout,
+                                             cfg.max_connections)):
+            raise ValueError
+        if isinstance(cfg.max_connections, float):  # TOML 1024.0: a count is whole
+            raise ValueError
+        cfg.header_timeout = float(cfg.header_timeout)
+        cfg.keep_alive_timeout = float(cfg.keep_alive_timeout)
+        cfg.max_connections = int(cfg.max_connections)
+    except (TypeError, ValueError):
+        raise BadRequest("config: server.header_timeout and server.keep_alive_timeout must "
+                         "be numbers of seconds, server.max_connections a whole number"
+                         ) from None
+    if not all(0 < t < math.inf for t in (cfg.header_timeout, cfg.keep_alive_timeout)) \
+            or cfg.max_connections < 1:
+        raise BadRequest("config: server.header_timeout, server.keep_alive_timeout and "
+                         "server.max_connections must be greater than 0")
+
+
 def load_config(data_dir: Path | None = None, listen: str | None = None,
                 config_file: Path | None = None) -> Config:
     """Defaults, then the TOML file, then env vars, then explicit arguments (strongest)."""
@@ -140,6 +183,9 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.listen = str(server["listen"])
     if "images_dir" in server:
         cfg.images_path = Path(server["images_dir"])
+    for key in ("header_timeout", "keep_alive_timeout", "max_connections"):
+        if key in server:
+            setattr(cfg, key, server[key])
     for key in ("metadata", "storage", "bucket", "access_key", "secret_key", "writeback",
                 "cache_size_mb", "volume_name"):
         if key in storage:
@@ -171,6 +217,10 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.stop_grace = float(env["WISP_STOP_GRACE"])
     if env.get("WISP_CHECKPOINT_MAX_BYTES"):
         cfg.checkpoint_max_bytes = int(env["WISP_CHECKPOINT_MAX_BYTES"])
+    for key in ("header_timeout", "keep_alive_timeout", "max_connections"):
+        if env.get(f"WISP_{key.upper()}"):
+            setattr(cfg, key, env[f"WISP_{key.upper()}"])
+    _check_limits(cfg)
 
     if data_dir is not None:
         cfg.data_dir = Path(data_dir)

@@ -124,7 +124,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
             store.close()
 
     routes = [*sprite_routes(svc), *exec_routes(sprites.handle, sessions),
-              *fs_routes(sprites.handle)]
+              *fs_routes(sprites.handle, storage=volume.require)]
     app = build_app(routes, token, lifespan)
     return svc, app
 
@@ -181,6 +181,13 @@ def serve(data_dir: Path | None = None, listen: str | None = None,
     import warnings
 
     warnings.filterwarnings("ignore", message=".*websockets. implementation is deprecated")
-    uvicorn.run(app, host=host, port=port, ws="websockets", log_level="warning",
+    # Connection limits (docs/security.md, "Limits"): header timeout, idle keep-alive and a
+    # cap, on our h11 protocol. permessage-deflate is declined (the contract makes it
+    # optional): compressing exec output on the event loop held a stream to ~30 MB/s.
+    from wisp.api.limits import fit_fd_limit, http_protocol
+
+    http = http_protocol(config.header_timeout, config.keep_alive_timeout,
+                         fit_fd_limit(config.max_connections))
+    uvicorn.run(app, host=host, port=port, http=http, ws="websockets", log_level="warning",
                 ws_max_size=32 * 1024 * 1024, ws_ping_interval=20, ws_ping_timeout=60,
-                timeout_graceful_shutdown=10, lifespan="on")
+                ws_per_message_deflate=False, timeout_graceful_shutdown=10, lifespan="on")

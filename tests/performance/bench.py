@@ -1,6 +1,7 @@
 """`make bench`: latency and throughput of a real Wisp server, as a Markdown table.
 
-Measures p50/p95 over several samples for: create → first exec, exec round trip,
+Measures p50/p95 over several samples for: create → first exec, exec round trip, exec
+output throughput over the WebSocket (one stream, four at once),
 checkpoint (idle, after 100 MB and after 1 GB written), restore, fork, delete, and disk
 write throughput inside a sprite versus raw JuiceFS on the same volume. In the same run it
 measures a naive baseline (checkpoint = copy the overlay upper directory, restore = copy it
@@ -104,6 +105,40 @@ class Bench:
     def upper(self, name: str) -> Path:
         return self.srv.data_dir / "run" / "sprites" / self.sprite_id(name) / "disk" / "upper"
 
+    def exec_stream(self, sprite: str, size: int = 100_000_000) -> None:
+        """Exec stdout over the WebSocket with the `websockets` client's defaults (it offers
+        permessage-deflate, as sprites-py does): MB/s of one stream, and of each of four
+        streams at once. The data is random (incompressible, like tar or image output),
+        read from the sprite's page cache, so the API path is what is measured."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sh(sprite, f"head -c {size} /dev/urandom > /tmp/stream")
+        url = (self.srv.url.replace("http", "ws")
+               + f"/v1/sprites/{sprite}/exec?cmd=cat&cmd=/tmp/stream&stdin=false")
+
+        def one(_: int = 0) -> float:
+            got = 0
+            t = time.perf_counter()
+            with ws_client.connect(url, additional_headers=self.srv.headers,
+                                   max_size=None) as ws:
+                for msg in ws:
+                    if isinstance(msg, bytes) and msg[:1] == b"\x01":
+                        got += len(msg) - 1
+                    elif isinstance(msg, bytes) and msg[:1] == b"\x03":
+                        break
+            if got != size:
+                raise RuntimeError(f"exec stream got {got} of {size} bytes")
+            return size / 1e6 / (time.perf_counter() - t)
+
+        rounds = max(3, SAMPLES // 2)
+        self.record("exec stream over WebSocket, client defaults, 1 stream",
+                    [one() for _ in range(rounds)], "MB/s")
+        with ThreadPoolExecutor(4) as pool:
+            each = [rate for _ in range(rounds) for rate in pool.map(one, range(4))]
+        self.record("exec stream over WebSocket, client defaults, 4 at once (each)", each,
+                    "MB/s")
+        self.sh(sprite, "rm /tmp/stream")
+
 
 def run(bench: Bench) -> dict[str, float]:
     b = bench
@@ -129,6 +164,7 @@ def run(bench: Bench) -> dict[str, float]:
 
     samples = [b.timed(lambda: b.exec(target, "true")) for _ in range(SAMPLES * 3)]
     b.record("exec round trip (`true`)", samples)
+    b.exec_stream(target)
 
     samples = [b.timed(lambda: b.checkpoint(target)) for _ in range(SAMPLES)]
     b.record("checkpoint, idle", samples)
