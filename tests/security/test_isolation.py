@@ -152,3 +152,18 @@ def test_open_file_limit_is_the_sprites_own(sprite) -> None:
     the usual soft limit of 1024, not the server's."""
     code, out = sh(sprite, "ulimit -n")
     assert code == 0 and out.strip() == "1024", out
+
+
+def test_mount_table_names_no_host_path(sprite, server: WispServer) -> None:
+    """The sprite's /proc/mounts and /proc/self/mountinfo show no host path: not the data
+    dir (its disk and overlay dirs), not the images dir, not the repository (the init
+    binary), not /run/wisp (the agent's socket dir)."""
+    import os
+
+    from tests.framework.server import IMAGES_DIR, REPO
+
+    code, out = sh(sprite, "cat /proc/mounts /proc/self/mountinfo")
+    assert code == 0 and "overlay" in out, out
+    for host_path in (os.path.realpath(server.data_dir), os.path.realpath(IMAGES_DIR),
+                      str(REPO), "/run/wisp", "/var/lib/wisp"):
+        assert host_path not in out, f"{host_path} visible in the sprite:\n{out}"
