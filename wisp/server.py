@@ -81,6 +81,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
 
     from wisp.api.app import build_app
     from wisp.api.fs_routes import fs_routes
+    from wisp.api.openapi import openapi_routes
     from wisp.api.sprites_routes import sprite_routes
     from wisp.checkpoints import Checkpoints
     from wisp.db import Store
@@ -124,7 +125,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
             store.close()
 
     routes = [*sprite_routes(svc), *exec_routes(sprites.handle, sessions),
-              *fs_routes(sprites.handle, storage=volume.require)]
+              *fs_routes(sprites.handle, storage=volume.require), *openapi_routes()]
     app = build_app(routes, token, lifespan)
     return svc, app
 

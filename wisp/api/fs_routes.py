@@ -95,30 +95,53 @@ def _string(value: Any, key: str, required: bool = False) -> str | None:
     return value
 
 
+#: The largest uid/gid chown(2) takes; (uid_t)-1, one more, means "leave unchanged".
+MAX_ID = 2**32 - 2
+
+
 def _owner(value: Any, key: str) -> int | str | None:
-    """A uid/gid: a non-negative number or a user/group name."""
+    """A uid/gid: a number in 0..MAX_ID (also as a string of ASCII digits) or a user/group
+    name."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise FsError("EINVAL", f"{key} must be a number or a name, not {value!r}")
+    if isinstance(value, str) and value.isdigit():  # "²" is a digit to str.isdigit()
+        if not value.isascii():
+            raise FsError("EINVAL", f"{key} must be a number or a name, not {value!r}")
+        value = int(value)
     if isinstance(value, int):
         if value < 0:
             raise FsError("EINVAL", f"{key} must not be negative")
+        if value > MAX_ID:
+            raise FsError("EINVAL", f"{key} must be at most {MAX_ID}")
         return value
     if isinstance(value, str) and value and ":" not in value and "\n" not in value:
         return value
     raise FsError("EINVAL", f"{key} must be a number or a name, not {value!r}")
 
 
+class _BodyTooLarge(FsError):
+    """A JSON body over MAX_JSON_BYTES: the errno body (EINVAL), with the 413 that every
+    other capped body of the API gets."""
+
+    def __init__(self) -> None:
+        super().__init__("EINVAL", f"request body is larger than {MAX_JSON_BYTES} bytes")
+
+    @property
+    def status(self) -> int:
+        return 413
+
+
 async def _body(request: Request) -> dict[str, Any]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_JSON_BYTES:
-        raise FsError("EINVAL", f"request body is larger than {MAX_JSON_BYTES} bytes")
+        raise _BodyTooLarge()
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > MAX_JSON_BYTES:
-            raise FsError("EINVAL", f"request body is larger than {MAX_JSON_BYTES} bytes")
+            raise _BodyTooLarge()
     try:
         return parse_json_object(bytes(raw))
     except BadRequest as exc:

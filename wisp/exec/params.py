@@ -42,7 +42,7 @@ def parse_signal(value: str | int | None, default: str = "SIGTERM") -> int:
         num = value
     else:
         text = str(value).strip()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():  # str.isdigit() is true of "²" too
             num = int(text)
         else:
             name = text.upper()
@@ -71,7 +71,10 @@ def parse_duration(value: str | int | float | None, default: float) -> float:
     if isinstance(value, bool):
         raise BadRequest(f"invalid duration {value!r}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # a JSON integer past a float's range
+            raise BadRequest(f"invalid duration {value!r}") from None
     else:
         text = str(value).strip()
         if _NUMBER.fullmatch(text):
