@@ -82,6 +82,36 @@ def test_unknown_route_is_contract_404(server: WispServer) -> None:
     assert r.headers["sprite-version"]
     r = server.api("PATCH", "/v1/sprites", validate_request=False)
     assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    assert set(r.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+
+
+def test_refused_websocket_carries_sprite_version(server: WispServer) -> None:
+    """A WebSocket handshake refused for a reason other than auth (an unknown sprite) still
+    carries `Sprite-Version` (the Go SDK reads it from any response) and the JSON body."""
+    import websockets.sync.client as ws_client
+    from websockets.exceptions import InvalidStatus
+
+    url = server.url.replace("http", "ws") + "/v1/sprites/no-such-sprite/exec?cmd=true"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_client.connect(url, additional_headers=server.headers).close()
+    response = refused.value.response
+    assert response.status_code == 404 and response.headers["sprite-version"]
+    assert b"sprite_not_found" in response.body
+
+
+def test_encoded_slash_names_nothing(server: WispServer, sprite_factory) -> None:
+    """Path segments are split before they are decoded (contract §0.1 rule 1): a "sprite
+    name" `NAME%2Fcheckpoints%2Fv1` is a 404 and does not reach checkpoint v1 of NAME."""
+    s = sprite_factory("slash")
+    list(s.create_checkpoint())
+    for method in ("DELETE", "GET", "PUT"):
+        r = server.api(method, f"/v1/sprites/{s.name}%2Fcheckpoints%2Fv1",
+                       validate_request=False)
+        assert r.status_code == 404 and r.json()["error"] == "not_found", (method, r.text)
+    r = server.api("GET", f"/v1/sprites/{s.name}%2ffs%2flist", params={"path": "/"},
+                   validate_request=False)
+    assert r.status_code == 404
+    assert [cp.id for cp in s.list_checkpoints()] == ["v1", "v0"]
 
 
 DEEP = b"[" * 1200 + b"]" * 1200  # 2.4 KB, deeper than the decoder's recursion limit

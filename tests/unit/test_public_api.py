@@ -11,7 +11,8 @@ EXPECTED = {
     "wisp.errors": ["WispError", "BadRequest", "InvalidName", "Unauthorized", "NotFound",
                     "SpriteNotFound", "CheckpointNotFound", "SessionNotFound", "Conflict",
                     "SpriteExists", "Gone", "PayloadTooLarge", "QuotaExceeded",
-                    "StorageUnavailable", "SystemError_", "FsError", "FS_STATUS"],
+                    "StorageUnavailable", "SpriteUnresponsive", "SystemError_", "FsError",
+                    "FS_STATUS"],
     "wisp.images": ["Image", "ImageStore"],
 }
 

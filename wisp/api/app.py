@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -58,28 +58,55 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         err = Unauthorized("missing or invalid bearer token")
-        response = JSONResponse(err.body(), status_code=401,
-                                headers={"Sprite-Version": SPRITE_VERSION,
-                                         "WWW-Authenticate": "Bearer"})
-        if scope["type"] == "http":
-            await response(scope, receive, send)
-        else:
-            await WebSocket(scope, receive, send).send_denial_response(response)
+        await _refuse(scope, receive, send, JSONResponse(
+            err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"}))
 
 
-class VersionHeaderMiddleware:
-    """Adds `Sprite-Version` to every HTTP response (the Go SDK reads it from any)."""
+async def _refuse(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+    """Answer an HTTP request, or refuse a WebSocket handshake, with `response`."""
+    if scope["type"] == "http":
+        await response(scope, receive, send)
+    else:
+        await WebSocket(scope, receive, send).send_denial_response(response)
+
+
+class EncodedSlashMiddleware:
+    """A path with an encoded slash (`%2F`) names nothing: 404.
+
+    The contract (§0.1 rule 1) splits a path into segments before decoding them, where
+    Starlette decodes first: `/v1/sprites/probe%2Fcheckpoints%2Fv1` would route as
+    checkpoint v1 of sprite `probe`, and a DELETE of "a sprite" would delete that
+    checkpoint. No Wisp name may contain `/`, so no such path can name anything.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        raw = scope.get("raw_path") or b""
+        if scope["type"] in ("http", "websocket") and b"%2f" in raw.lower():
+            await _refuse(scope, receive, send, JSONResponse(
+                {"error": "not_found",
+                 "message": "no such endpoint: a path segment contains an encoded '/'"},
+                status_code=404))
+            return
+        await self.app(scope, receive, send)
+
+
+class VersionHeaderMiddleware:
+    """Adds `Sprite-Version` to every HTTP response, refused WebSocket handshakes included
+    (the Go SDK reads it from any)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
 
         async def send_with_version(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
                 headers = list(message.get("headers", []))
                 headers.append((b"sprite-version", SPRITE_VERSION.encode()))
                 message = {**message, "headers": headers}
@@ -173,7 +200,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     message = {404: f"no such endpoint: {request.method} {request.url.path}",
                405: f"method {request.method} not allowed on {request.url.path}"}.get(
                    exc.status_code, str(exc.detail))
-    return JSONResponse({"error": code, "message": message}, status_code=exc.status_code)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # Allow: every method of every route on this path
+        methods: set[str] = set()
+        for route in request.app.router.routes:
+            if isinstance(route, Route) and route.methods and \
+                    route.matches(request.scope)[0] != Match.NONE:
+                methods |= route.methods
+        headers["Allow"] = ", ".join(sorted(methods))
+    return JSONResponse({"error": code, "message": message}, status_code=exc.status_code,
+                        headers=headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -195,6 +231,7 @@ def build_app(routes: Sequence[BaseRoute], token: str,
             Exception: _internal_error,
         },
     )
+    app.add_middleware(EncodedSlashMiddleware)
     app.add_middleware(AuthMiddleware, token=token)
     app.add_middleware(VersionHeaderMiddleware)
     app.add_middleware(ReplyMiddleware)

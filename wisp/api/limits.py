@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from wisp.api.app import SPRITE_VERSION
+
 __all__ = ["LimitedH11Protocol", "http_protocol", "fit_fd_limit"]
 
 log = logging.getLogger("wisp.limits")
@@ -48,7 +50,8 @@ def _reply(status: int, reason: str, code: str, message: str) -> bytes:
     """A complete `Connection: close` HTTP/1.1 reply with the contract's error body."""
     body = json.dumps({"error": code, "message": message}).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n")
+            f"content-length: {len(body)}\r\nconnection: close\r\n"
+            f"sprite-version: {SPRITE_VERSION}\r\n")
     if status == 503:
         head += "retry-after: 1\r\n"
     return head.encode() + b"\r\n" + body
