@@ -17,8 +17,9 @@ on connections (docs/security.md, "Limits"):
     bucket = "http://127.0.0.1:8333/wisp"
     access_key = "..."
     secret_key = "..."
-    writeback = true
-    cache_size_mb = 10240
+    writeback = true          # default: false with "file", true with "s3"
+    cache_size_mb = 10240     # default: 0 with "file" (no cache), 10240 with "s3"
+    reclaim_interval = 10.0   # seconds between compactions of disks that deleted data; 0: off
 
     [sprites]
     image = "debian"          # base image for new sprites
@@ -61,9 +62,16 @@ class StorageConfig:
     bucket: str | None = None  # None: a directory under the data dir
     access_key: str | None = None
     secret_key: str | None = None
-    writeback: bool = True
-    cache_size_mb: int = 10240
+    #: JuiceFS's write-back staging and local cache. None: chosen by the object store (see
+    #: `wisp.storage.juicefs.cache_options`): off and none for "file", whose chunks already
+    #: lie on this disk, so a cache would only hold a second copy of every block; on and
+    #: 10 GiB for "s3".
+    writeback: bool | None = None
+    cache_size_mb: int | None = None
     volume_name: str = "wisp"
+    #: Seconds between passes that compact the disk images of running sprites which
+    #: deleted data, so that JuiceFS frees the chunks (`wisp.storage.reclaim`); 0: never.
+    reclaim_interval: float = 10.0
 
 
 @dataclass
@@ -187,9 +195,14 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         if key in server:
             setattr(cfg, key, server[key])
     for key in ("metadata", "storage", "bucket", "access_key", "secret_key", "writeback",
-                "cache_size_mb", "volume_name"):
+                "cache_size_mb", "volume_name", "reclaim_interval"):
         if key in storage:
             setattr(cfg.storage, key, storage[key])
+    interval = cfg.storage.reclaim_interval
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not (
+            0 <= interval < math.inf):
+        raise BadRequest("config: storage.reclaim_interval must be a number of seconds >= 0")
+    cfg.storage.reclaim_interval = float(interval)
     if cfg.storage.storage not in ("file", "s3"):
         raise BadRequest("config: storage.storage must be 'file' or 's3'")
     if cfg.storage.storage == "s3" and not cfg.storage.bucket:

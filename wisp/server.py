@@ -91,6 +91,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
+    from wisp.storage.reclaim import Reclaimer
 
     token = ensure_token(config)
     store = Store(config.state_db)
@@ -101,6 +102,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     sprites = Sprites(config, store, volume, images, runtime, sessions)
     volume.on_lost = sprites.storage_lost
     checkpoints = Checkpoints(sprites)
+    reclaimer = Reclaimer(volume, sprites.lock, config.storage.reclaim_interval)
     svc = Services(config, token, store, volume, images, runtime, sessions, sprites,
                    checkpoints)
 
@@ -109,6 +111,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
         await sprites.clear_host()
         await volume.start()
         await sprites.recover()
+        reclaimer.start()
         log.info("wisp ready on %s", config.listen)
         try:
             yield
@@ -117,6 +120,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
             # volume is always flushed and unmounted last.
             for step in (sessions.close_all, sprites.stop_all,
                          sprites.clear_host,  # anything a cancelled start left half made
+                         reclaimer.stop,  # a last pass for what the stopped sprites freed
                          volume.stop):
                 try:
                     await asyncio.shield(step())

