@@ -204,7 +204,7 @@ def test_public_surface() -> None:
                                          "exec_routes"]
     assert sorted(wisp.runtime.agent.__all__) == ["AGENT_LOST_EXIT", "AgentProcess",
                                                   "FdReader", "FdWriter", "MAX_REQUEST",
-                                                  "spawn", "wait_ready"]
+                                                  "join_cgroups", "spawn", "wait_ready"]
     for mod in (wisp.exec, wisp.runtime.agent):
         assert all(hasattr(mod, n) for n in mod.__all__)
 
