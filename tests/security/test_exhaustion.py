@@ -93,7 +93,7 @@ def test_full_sprite_still_runs_kill(small: WispServer, bomb: bytes) -> None:
     s.command("sh", "-c", "kill -9 -1").run()
     assert time.monotonic() - started < 20
     deadline = time.monotonic() + 10
-    while _pids(small, "bomb-kill") > 2:
+    while _pids(small, "bomb-kill") > 3:  # the exec, its zygote, and the shell
         assert time.monotonic() < deadline, "kill -9 -1 did not clear the sprite"
         time.sleep(0.1)
     assert s.command("cat", "/home/sprite/f").output() == b"kept\n"
@@ -114,7 +114,7 @@ def test_restart_ends_every_process_and_keeps_the_disk(small: WispServer, bomb: 
     body = r.json()
     assert body["sprite_name"] == "bomb-restart" and body["machine_id"] == sprite_id
     assert isinstance(body["message"], str)
-    assert _pids(small, "bomb-restart") == 0
+    assert _pids(small, "bomb-restart") <= 1  # at most wisp-init's zygote, nothing of before
     assert s.command("cat", "/home/sprite/f").output() == b"kept\n"
     assert small.api("POST", "/v1/sprites/no-such/restart").status_code == 404
     small.api("DELETE", "/v1/sprites/bomb-restart")

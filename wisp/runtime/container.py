@@ -33,11 +33,12 @@ __all__ = ["ContainerRuntime", "init_binary_path", "build_init"]
 
 NETNS_DIR = Path("/run/netns")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-#: The cgroup, below the sprite's own, that every process the agent starts joins. The
-#: sprite's cgroup holds the agent and is the workload's limits plus these reserves, so a
-#: sprite whose processes exhausted their pids or memory can still be reached: the agent
-#: forks in the reserve and the child moves into the full workload cgroup (the kernel
-#: charges a migration past the limit), e.g. to run `kill -9 -1`.
+#: The cgroup, below the sprite's own, that every process the agent starts is in (forked
+#: there by the agent's zygote, see wisp-init.c). The sprite's cgroup holds the agent and is
+#: the workload's limits plus these reserves, so a sprite whose processes exhausted their
+#: pids or memory can still be reached: the agent forks in the reserve and the child moves
+#: into the full workload cgroup (the kernel charges a migration past the limit), e.g. to
+#: run `kill -9 -1`.
 WORKLOAD = "workload"
 RESERVE_PIDS = 32
 RESERVE_MEMORY_MB = 64

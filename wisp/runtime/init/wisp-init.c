@@ -28,6 +28,13 @@
  *                     hierarchy. The agent keeps them; every spawned child writes "0" to
  *                     each before it execs, moving itself in. Answer "ok"; connection closed.
  *
+ * Spawns do not move processes between cgroups: a "zygote" child of the agent lives in the
+ * workload cgroups and forks each command there with CLONE_PARENT, so the command is the
+ * agent's child (reaped, signalled and reported as before) but starts in the workload. A
+ * cgroup move costs the kernel an RCU grace period (~8 ms here) the first time after a
+ * pause; only the zygote pays it, once. With no zygote (it was killed, the workload is
+ * full) the agent forks in its reserve and the child moves itself.
+ *
  * Why the workload cgroups: the agent lives in the sprite's outer cgroup, whose pids and
  * memory limits are the workload's plus a small reserve. A fork bomb or a memory hog fills
  * the workload cgroup, never the reserve, so the agent can still fork the process the user
@@ -49,6 +56,7 @@
 #include <grp.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -59,6 +67,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -327,16 +336,24 @@ static int join_workload(void)
     return 0;
 }
 
-/* Runs in the forked child; never returns. */
-static void child_exec(struct request *r, int in, int out, int err, int slave)
+static void reset_signals(void)
 {
     sigset_t none;
     sigemptyset(&none);
     for (int s = 1; s < NSIG; s++)
         signal(s, SIG_DFL);
     sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+/* Runs in the forked child; never returns. `join`: move into the workload cgroups first
+ * (a child of the zygote is there already). */
+static void child_exec(struct request *r, int in, int out, int err, int slave, int join)
+    __attribute__((noreturn));
+static void child_exec(struct request *r, int in, int out, int err, int slave, int join)
+{
+    reset_signals();
     /* First, so that nothing the command does is charged to the agent's reserve. */
-    int join_errno = join_workload() < 0 ? errno : 0;
+    int join_errno = join && join_workload() < 0 ? errno : 0;
     setsid();
     if (slave >= 0) {
         ioctl(slave, TIOCSCTTY, 0);
@@ -421,6 +438,180 @@ fail:;
     return -1;
 }
 
+/*
+ * The zygote (see the top of the file). Protocol on its socket pair, one packet each way:
+ * the agent sends the raw spawn request with its fds (three stdio fds, or the PTY slave);
+ * the zygote answers with an int: the new process's pid, or -errno when clone failed
+ * (EAGAIN: the workload's pids limit is reached). A zygote that does not answer within
+ * ZYGOTE_TIMEOUT_MS (stopped from inside the sprite) is killed and replaced.
+ */
+#define ZYGOTE_TIMEOUT_MS 1000
+static pid_t zygote_pid;
+static int zygote_sock = -1;
+
+static int have_join_fds(void)
+{
+    for (int i = 0; i < MAX_JOIN; i++)
+        if (join_fds[i] >= 0)
+            return 1;
+    return 0;
+}
+
+static int cmp_int(const void *a, const void *b)
+{
+    return *(const int *)a - *(const int *)b;
+}
+
+/* Close every fd >= 3 but those in keep (the agent's sockets must not live on in it). */
+static void close_all_but(int *keep, int n)
+{
+    qsort(keep, (size_t)n, sizeof(int), cmp_int);
+    unsigned int lo = 3;
+    for (int i = 0; i < n; i++) {
+        if (keep[i] < (int)lo)
+            continue;
+        if ((unsigned int)keep[i] > lo)
+            close_range(lo, (unsigned int)keep[i] - 1, 0);
+        lo = (unsigned int)keep[i] + 1;
+    }
+    close_range(lo, ~0U, 0);
+}
+
+static void zygote_main(int sock) __attribute__((noreturn));
+static void zygote_main(int sock)
+{
+    /* Like any process of the workload: `kill -1` from the sprite ends it. */
+    reset_signals();
+    int keep[1 + MAX_JOIN], n = 0;
+    keep[n++] = sock;
+    for (int i = 0; i < MAX_JOIN; i++)
+        if (join_fds[i] >= 0)
+            keep[n++] = join_fds[i];
+    close_all_but(keep, n);
+    if (join_workload() < 0)
+        _exit(1);
+    for (int i = 0; i < MAX_JOIN; i++)
+        if (join_fds[i] >= 0)
+            close(join_fds[i]);
+    for (;;) {
+        union {
+            char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+            struct cmsghdr align;
+        } u;
+        struct iovec iov = { .iov_base = reqbuf, .iov_len = MAX_REQUEST };
+        struct msghdr msg = {
+            .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+            .msg_controllen = sizeof(u.buf)
+        };
+        ssize_t len;
+        do {
+            len = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        } while (len < 0 && errno == EINTR);
+        if (len <= 0)
+            _exit(0); /* the agent let it go */
+        int fds[MAX_FDS], nfds = 0;
+        for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h)) {
+            if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS)
+                continue;
+            size_t cnt = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t i = 0; i < cnt && nfds < MAX_FDS; i++)
+                memcpy(&fds[nfds++], CMSG_DATA(h) + i * sizeof(int), sizeof(int));
+        }
+        struct request r;
+        int answer;
+        if (parse_request(reqbuf, (size_t)len, &r) || nfds != (r.tty ? 1 : 3)) {
+            answer = -EINVAL; /* the agent checked the same request: cannot happen */
+        } else {
+            /* The command's parent is the agent: it reaps it and reports its exit. */
+            long pid = syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, NULL, NULL, 0);
+            if (pid == 0) {
+                close(sock);
+                if (r.tty)
+                    child_exec(&r, -1, -1, -1, fds[0], 0);
+                child_exec(&r, fds[0], fds[1], fds[2], -1, 0);
+            }
+            answer = pid < 0 ? -errno : (int)pid;
+        }
+        free(r.argv);
+        free(r.envp);
+        close_fds(fds, nfds);
+        if (send(sock, &answer, sizeof(answer), MSG_NOSIGNAL) != sizeof(answer))
+            _exit(0);
+    }
+}
+
+static void forget_zygote(int kill_it)
+{
+    if (kill_it && zygote_pid > 0)
+        kill(zygote_pid, SIGKILL);
+    if (zygote_sock >= 0)
+        close(zygote_sock);
+    zygote_sock = -1;
+    zygote_pid = 0;
+}
+
+static void prepare_zygote(void)
+{
+    if (zygote_pid > 0 || !have_join_fds())
+        return;
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        return;
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(sv[0]);
+        zygote_main(sv[1]);
+    }
+    close(sv[1]);
+    if (pid < 0) {
+        close(sv[0]);
+        return;
+    }
+    zygote_pid = pid;
+    zygote_sock = sv[0];
+}
+
+/* Have the zygote start the request: the new pid, or 0 if the agent must fork itself (no
+ * zygote, it is gone or stuck, or its clone failed: a full workload). */
+static pid_t zygote_spawn(const char *buf, size_t len, int *fds, int nfds)
+{
+    if (zygote_pid <= 0)
+        return 0;
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } u;
+    memset(&u, 0, sizeof(u));
+    msg.msg_control = u.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+    struct cmsghdr *h = CMSG_FIRSTHDR(&msg);
+    h->cmsg_level = SOL_SOCKET;
+    h->cmsg_type = SCM_RIGHTS;
+    h->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(h), fds, sizeof(int) * (size_t)nfds);
+    ssize_t n;
+    do {
+        n = sendmsg(zygote_sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)len) {
+        forget_zygote(1);
+        return 0;
+    }
+    struct pollfd p = { .fd = zygote_sock, .events = POLLIN };
+    int answer = 0;
+    int rc;
+    do {
+        rc = poll(&p, 1, ZYGOTE_TIMEOUT_MS);
+    } while (rc < 0 && errno == EINTR);
+    if (rc != 1 || recv(zygote_sock, &answer, sizeof(answer), MSG_DONTWAIT) != sizeof(answer)) {
+        forget_zygote(1);
+        return 0;
+    }
+    return answer > 0 ? (pid_t)answer : 0;
+}
+
 static void handle_request(struct conn *c, char *buf, size_t len, int *fds, int nfds)
 {
     struct request r;
@@ -445,13 +636,17 @@ static void handle_request(struct conn *c, char *buf, size_t len, int *fds, int 
         close_conn(c);
         return;
     }
-    pid_t pid = fork();
+    int fork_errno = 0;
+    pid_t pid = r.tty ? zygote_spawn(buf, len, &slave, 1) : zygote_spawn(buf, len, fds, 3);
     if (pid == 0) {
-        if (r.tty)
-            child_exec(&r, -1, -1, -1, slave);
-        child_exec(&r, fds[0], fds[1], fds[2], -1);
+        pid = fork();
+        if (pid == 0) {
+            if (r.tty)
+                child_exec(&r, -1, -1, -1, slave, 1);
+            child_exec(&r, fds[0], fds[1], fds[2], -1, 1);
+        }
+        fork_errno = errno;
     }
-    int fork_errno = errno;
     free(r.argv);
     free(r.envp);
     close_fds(fds, nfds);
@@ -474,6 +669,7 @@ static void handle_request(struct conn *c, char *buf, size_t len, int *fds, int 
     }
     if (master >= 0)
         close(master);
+    prepare_zygote(); /* if there was none: the next spawn has one */
 }
 
 static void signal_group(pid_t pid, int sig)
@@ -558,9 +754,11 @@ static void handle_conn(struct conn *c)
         return;
     }
     if ((size_t)n == sizeof("cgroups") && !memcmp(reqbuf, "cgroups", sizeof("cgroups"))) {
+        forget_zygote(1); /* it joined the old cgroups */
         set_join_fds(fds, nfds);
         send_text(c->fd, "ok");
         close_conn(c);
+        prepare_zygote();
         return;
     }
     handle_request(c, reqbuf, (size_t)n, fds, nfds);
@@ -598,6 +796,10 @@ static void reap(void)
     int status;
     pid_t pid;
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        if (pid == zygote_pid) { /* killed (kill -1 in the sprite): made again at a spawn */
+            forget_zygote(0);
+            continue;
+        }
         int code;
         if (WIFEXITED(status))
             code = WEXITSTATUS(status);
