@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from wisp.client import Client, Endpoint
 
 __all__ = [
+    "context_name_callback",
     "SPRITE_FILE",
     "State",
     "Failure",
@@ -126,6 +127,19 @@ def resolve_sprite(value: str | None) -> str:
     raise click.UsageError(
         f"no sprite selected: pass -s NAME, set WISP_SPRITE, or run `wisp use NAME` "
         f"(writes {SPRITE_FILE} here)")
+
+
+def context_name_callback(ctx: click.Context, param: click.Parameter,
+                          value: str | None) -> str | None:
+    """Click callback: a context name as `wisp.client` accepts it, else a usage error."""
+    from wisp.client import ConfigError, check_context_name
+
+    if value is None:
+        return None
+    try:
+        return check_context_name(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
 
 
 def sprite_option(fn: F) -> F:

@@ -12,20 +12,9 @@ import sys
 
 import click
 
-from wisp.cli.common import State, fail, json_option
+from wisp.cli.common import State, context_name_callback, fail, json_option
 
 __all__ = ["context"]
-
-
-def _name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from wisp.client import ConfigError, check_context_name
-
-    if value is None:
-        return None
-    try:
-        return check_context_name(value)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
 
 
 def _url(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -70,7 +59,7 @@ def list_(as_json: bool) -> None:
 
 
 @context.command()
-@click.argument("name", required=False, callback=_name)
+@click.argument("name", required=False, callback=context_name_callback)
 @click.option("--show-token", is_flag=True, help="Print the token instead of its start.")
 @json_option
 @click.pass_obj
@@ -109,7 +98,7 @@ def use(name: str) -> None:
 
 
 @context.command()
-@click.argument("name", callback=_name)
+@click.argument("name", callback=context_name_callback)
 @click.argument("api", metavar="URL", callback=_url)
 @click.option("--token", metavar="TOKEN",
               help="The server's API token; `-` reads it from stdin (keeps it out of ps).")

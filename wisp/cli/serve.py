@@ -7,19 +7,9 @@ from pathlib import Path
 
 import click
 
+from wisp.cli.common import context_name_callback
+
 __all__ = ["serve"]
-
-
-def _context_name(ctx: click.Context, param: click.Parameter,
-                  value: str | None) -> str | None:
-    from wisp.client import ConfigError, check_context_name
-
-    if value is None:
-        return None
-    try:
-        return check_context_name(value)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
 
 
 @click.command()
@@ -33,7 +23,7 @@ def _context_name(ctx: click.Context, param: click.Parameter,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
               help="TOML config file (storage backend, sprite defaults).")
 @click.option("--context", "context_name", metavar="NAME", envvar="WISP_SERVE_CONTEXT",
-              show_envvar=True, callback=_context_name,
+              show_envvar=True, callback=context_name_callback,
               help="Name to register this server under in ~/.config/wisp/client.json "
                    "[default: local for /var/lib/wisp, else the data dir's folder name].")
 def serve(data_dir: Path | None, listen: str | None, config_file: Path | None,

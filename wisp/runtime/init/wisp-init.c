@@ -439,6 +439,45 @@ fail:;
 }
 
 /*
+ * Receive one packet into reqbuf with up to MAX_FDS fds (more are closed). Returns its
+ * length (0: the peer closed), or -1 with errno; *flags gets the message flags
+ * (MSG_TRUNC/MSG_CTRUNC: too large).
+ */
+static ssize_t recv_packet(int sock, int recv_flags, int *fds, int *nfds, int *flags)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = { .iov_base = reqbuf, .iov_len = MAX_REQUEST };
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf)
+    };
+    *nfds = 0;
+    ssize_t n;
+    do {
+        n = recvmsg(sock, &msg, recv_flags | MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR && !(recv_flags & MSG_DONTWAIT));
+    if (n < 0)
+        return -1;
+    for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h)) {
+        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t cnt = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < cnt; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof(int));
+            if (*nfds < MAX_FDS)
+                fds[(*nfds)++] = fd;
+            else
+                close(fd);
+        }
+    }
+    *flags = msg.msg_flags;
+    return n;
+}
+
+/*
  * The zygote (see the top of the file). Protocol on its socket pair, one packet each way:
  * the agent sends the raw spawn request with its fds (three stdio fds, or the PTY slave);
  * the zygote answers with an int: the new process's pid, or -errno when clone failed
@@ -494,29 +533,10 @@ static void zygote_main(int sock)
         if (join_fds[i] >= 0)
             close(join_fds[i]);
     for (;;) {
-        union {
-            char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
-            struct cmsghdr align;
-        } u;
-        struct iovec iov = { .iov_base = reqbuf, .iov_len = MAX_REQUEST };
-        struct msghdr msg = {
-            .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
-            .msg_controllen = sizeof(u.buf)
-        };
-        ssize_t len;
-        do {
-            len = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-        } while (len < 0 && errno == EINTR);
+        int fds[MAX_FDS], nfds, flags;
+        ssize_t len = recv_packet(sock, 0, fds, &nfds, &flags);
         if (len <= 0)
             _exit(0); /* the agent let it go */
-        int fds[MAX_FDS], nfds = 0;
-        for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h)) {
-            if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS)
-                continue;
-            size_t cnt = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            for (size_t i = 0; i < cnt && nfds < MAX_FDS; i++)
-                memcpy(&fds[nfds++], CMSG_DATA(h) + i * sizeof(int), sizeof(int));
-        }
         struct request r;
         int answer;
         if (parse_request(reqbuf, (size_t)len, &r) || nfds != (r.tty ? 1 : 3)) {
@@ -706,35 +726,13 @@ static void handle_conn(struct conn *c)
 {
     if (c->state == C_FREE)
         return;
-    union {
-        char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
-        struct cmsghdr align;
-    } u;
-    struct iovec iov = { .iov_base = reqbuf, .iov_len = MAX_REQUEST };
-    struct msghdr msg = {
-        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf)
-    };
-    ssize_t n = recvmsg(c->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    int fds[MAX_FDS], nfds, flags;
+    ssize_t n = recv_packet(c->fd, MSG_DONTWAIT, fds, &nfds, &flags);
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
             return;
         close_conn(c);
         return;
-    }
-    int fds[MAX_FDS];
-    int nfds = 0;
-    for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h)) {
-        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS)
-            continue;
-        size_t cnt = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t i = 0; i < cnt; i++) {
-            int fd;
-            memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof(int));
-            if (nfds < MAX_FDS)
-                fds[nfds++] = fd;
-            else
-                close(fd);
-        }
     }
     if (n == 0) {
         /* Peer closed: a running process carries on, detached. */
@@ -747,7 +745,7 @@ static void handle_conn(struct conn *c)
         handle_running(c, reqbuf, (size_t)n);
         return;
     }
-    if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+    if (flags & (MSG_TRUNC | MSG_CTRUNC)) {
         send_text(c->fd, "error request too large");
         close_fds(fds, nfds);
         close_conn(c);
