@@ -115,6 +115,33 @@ async def unmount_disk(disk_dir: Path, rootfs: Path, image: Path | None = None, 
         devices.add(loop)
     for dev in sorted(devices):
         await run("losetup", "-d", dev, check=False)
+    await _wait_detached(devices)
+
+
+#: How long `unmount_disk` waits for a loop device to let go of its image.
+DETACH_WAIT = 10.0
+
+
+async def _wait_detached(devices: set[str]) -> None:
+    """`losetup -d` on a device something still holds only marks it to be cleared on its
+    last close, and returns: the ext4 on it lives on while anything still references the
+    mount (the last process of the sprite's mount namespace being torn down, a lazy
+    unmount). Wait, bounded, until the kernel has really detached each one, so that a
+    restore or delete that returns has left no loop device on the replaced image."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DETACH_WAIT
+    pending = {d for d in devices if _loop_attached(d)}
+    started = loop.time()
+    while pending and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+        pending = {d for d in pending if _loop_attached(d)}
+    waited = loop.time() - started
+    if pending:
+        log.warning("loop devices %s still attached %.1f s after losetup -d",
+                    sorted(pending), waited)
+    elif waited > 0.05:
+        log.info("loop devices %s detached %.0f ms after losetup -d", sorted(devices),
+                 waited * 1000)
 
 
 def _loop_attached(dev: str) -> bool:
