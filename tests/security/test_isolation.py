@@ -8,6 +8,7 @@ tests use sudo to try the same as root inside the sprite.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,8 +88,6 @@ def test_cgroup_limits_applied(sprite, server: WispServer) -> None:
         assert int(quota.read_text()) == 100000
         # a process started by exec is in the workload cgroup of every limiting hierarchy;
         # the sprite's own cgroup holds the init agent alone
-        import time
-
         sh(sprite, "sleep 31338 >/dev/null 2>&1 &")
         for controller in ("pids", "memory", "cpu"):
             cgroup = Path("/sys/fs/cgroup") / controller / "wisp" / sprite_id

@@ -129,9 +129,9 @@ async def _wait_detached(devices: set[str]) -> None:
     unmount). Wait, bounded, until the kernel has really detached each one, so that a
     restore or delete that returns has left no loop device on the replaced image."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + DETACH_WAIT
-    pending = {d for d in devices if _loop_attached(d)}
     started = loop.time()
+    deadline = started + DETACH_WAIT
+    pending = {d for d in devices if _loop_attached(d)}
     while pending and loop.time() < deadline:
         await asyncio.sleep(0.005)
         pending = {d for d in pending if _loop_attached(d)}

@@ -123,30 +123,36 @@ static long long now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Send one packet, optionally carrying one fd. Never blocks, never raises SIGPIPE. */
-static int send_packet(int sock, const char *data, size_t len, int fd)
+/* Send one packet carrying nfds fds (up to MAX_FDS). Never blocks, never raises SIGPIPE. */
+static int send_packet_fds(int sock, const char *data, size_t len, const int *fds, int nfds)
 {
     struct iovec iov = { .iov_base = (void *)data, .iov_len = len };
     struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
     union {
-        char buf[CMSG_SPACE(sizeof(int))];
+        char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
         struct cmsghdr align;
     } u;
-    if (fd >= 0) {
+    if (nfds > 0) {
         memset(&u, 0, sizeof(u));
         msg.msg_control = u.buf;
-        msg.msg_controllen = sizeof(u.buf);
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
         struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
         c->cmsg_level = SOL_SOCKET;
         c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
     }
     ssize_t n;
     do {
         n = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     } while (n < 0 && errno == EINTR);
     return n == (ssize_t)len ? 0 : -1;
+}
+
+/* Send one packet, optionally carrying one fd (-1: none). */
+static int send_packet(int sock, const char *data, size_t len, int fd)
+{
+    return send_packet_fds(sock, data, len, &fd, fd >= 0 ? 1 : 0);
 }
 
 static void send_text(int sock, const char *fmt, ...)
@@ -597,25 +603,7 @@ static pid_t zygote_spawn(const char *buf, size_t len, int *fds, int nfds)
 {
     if (zygote_pid <= 0)
         return 0;
-    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
-    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
-    union {
-        char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)];
-        struct cmsghdr align;
-    } u;
-    memset(&u, 0, sizeof(u));
-    msg.msg_control = u.buf;
-    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-    struct cmsghdr *h = CMSG_FIRSTHDR(&msg);
-    h->cmsg_level = SOL_SOCKET;
-    h->cmsg_type = SCM_RIGHTS;
-    h->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-    memcpy(CMSG_DATA(h), fds, sizeof(int) * (size_t)nfds);
-    ssize_t n;
-    do {
-        n = sendmsg(zygote_sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-    } while (n < 0 && errno == EINTR);
-    if (n != (ssize_t)len) {
+    if (send_packet_fds(zygote_sock, buf, len, fds, nfds) < 0) {
         forget_zygote(1);
         return 0;
     }
