@@ -32,9 +32,13 @@ on connections (docs/security.md, "Limits"):
     [checkpoints]
     max_bytes = 107374182400  # all checkpoints of one sprite together
 
+    [network]
+    uplink = "auto"           # interface sprites' traffic leaves by; "none": loopback only
+    subnet = "auto"           # sprite addresses, e.g. "10.213.0.0/16"
+
 Env vars override the file: WISP_DATA_DIR, WISP_LISTEN, WISP_TOKEN, WISP_IMAGES_DIR,
 WISP_IMAGE, WISP_WARM_POOL, WISP_STOP_GRACE, WISP_CHECKPOINT_MAX_BYTES, WISP_HEADER_TIMEOUT,
-WISP_KEEP_ALIVE_TIMEOUT, WISP_MAX_CONNECTIONS.
+WISP_KEEP_ALIVE_TIMEOUT, WISP_MAX_CONNECTIONS, WISP_UPLINK, WISP_SUBNET.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from typing import Any, Literal
 
 from wisp.errors import BadRequest
 
-__all__ = ["Config", "StorageConfig", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA_DIR"]
+__all__ = ["Config", "StorageConfig", "NetworkConfig", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA_DIR"]
 
 DEFAULT_LISTEN = "127.0.0.1:7770"
 DEFAULT_DATA_DIR = Path("/var/lib/wisp")
@@ -75,11 +79,21 @@ class StorageConfig:
 
 
 @dataclass
+class NetworkConfig:
+    #: The interface forwarded sprite traffic leaves by: "auto" (the interface of the
+    #: host's default route), a name, or "none" (no egress: each sprite has loopback only).
+    uplink: str = "auto"
+    #: Where sprite addresses come from: "auto" (a free 10.x.0.0/16) or an IPv4 network.
+    subnet: str = "auto"
+
+
+@dataclass
 class Config:
     data_dir: Path = DEFAULT_DATA_DIR
     listen: str = DEFAULT_LISTEN
     token: str | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     image: str = "debian"
     memory_mb: int = 1024
     cpus: float = 1.0
@@ -185,6 +199,7 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
     storage = _section(doc, "storage")
     sprites = _section(doc, "sprites")
     checkpoints = _section(doc, "checkpoints")
+    network = _section(doc, "network")
     if "data_dir" in server:
         cfg.data_dir = Path(server["data_dir"])
     if "listen" in server:
@@ -212,6 +227,11 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
             setattr(cfg, key, sprites[key])
     if "max_bytes" in checkpoints:
         cfg.checkpoint_max_bytes = int(checkpoints["max_bytes"])
+    for key in ("uplink", "subnet"):
+        if key in network:
+            if not isinstance(network[key], str) or not network[key]:
+                raise BadRequest(f"config: network.{key} must be a non-empty string")
+            setattr(cfg.network, key, network[key])
 
     env = os.environ
     if env.get("WISP_DATA_DIR"):
@@ -230,6 +250,10 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.stop_grace = float(env["WISP_STOP_GRACE"])
     if env.get("WISP_CHECKPOINT_MAX_BYTES"):
         cfg.checkpoint_max_bytes = int(env["WISP_CHECKPOINT_MAX_BYTES"])
+    if env.get("WISP_UPLINK"):
+        cfg.network.uplink = env["WISP_UPLINK"]
+    if env.get("WISP_SUBNET"):
+        cfg.network.subnet = env["WISP_SUBNET"]
     for key in ("header_timeout", "keep_alive_timeout", "max_connections"):
         if env.get(f"WISP_{key.upper()}"):
             setattr(cfg, key, env[f"WISP_{key.upper()}"])

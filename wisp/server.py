@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the real imports happen in build(), keeping `wisp --help` f
     from wisp.db import Store
     from wisp.exec.sessions import SessionRegistry
     from wisp.images import ImageStore
+    from wisp.network import Network
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -50,6 +51,7 @@ class Services:
     sessions: SessionRegistry
     sprites: Sprites
     checkpoints: Checkpoints
+    network: Network
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -88,6 +90,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.exec.routes import exec_routes
     from wisp.exec.sessions import SessionRegistry
     from wisp.images import ImageStore
+    from wisp.network import Network
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -99,16 +102,18 @@ def build(config: Config) -> tuple[Services, Starlette]:
     images = ImageStore(config.images_dir)
     runtime = ContainerRuntime(config.runc_root, config.run_dir / "sprites")
     sessions = SessionRegistry()
-    sprites = Sprites(config, store, volume, images, runtime, sessions)
+    network = Network(config.network, runtime.tag)
+    sprites = Sprites(config, store, volume, images, runtime, sessions, network)
     volume.on_lost = sprites.storage_lost
     checkpoints = Checkpoints(sprites)
     reclaimer = Reclaimer(volume, sprites.lock, config.storage.reclaim_interval)
     svc = Services(config, token, store, volume, images, runtime, sessions, sprites,
-                   checkpoints)
+                   checkpoints, network)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await sprites.clear_host()
+        await network.start()
         await volume.start()
         await sprites.recover()
         reclaimer.start()
@@ -120,6 +125,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
             # volume is always flushed and unmounted last.
             for step in (sessions.close_all, sprites.stop_all,
                          sprites.clear_host,  # anything a cancelled start left half made
+                         network.stop,
                          reclaimer.stop,  # a last pass for what the stopped sprites freed
                          volume.stop):
                 try:

@@ -62,15 +62,14 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
-                    limits: Limits) -> None:
-        """Start the sprite's init on `rootfs`; return once its agent socket accepts."""
+                    limits: Limits, netns: Path) -> None:
+        """Start the sprite's init on `rootfs` in the network namespace at `netns` (made by
+        `wisp.network`); return once its agent socket accepts."""
 
     @abc.abstractmethod
-    async def stop(self, sprite_id: str, *, keep_network: bool = False) -> None:
-        """End every process of the sprite and release its runtime resources.
-
-        `keep_network` keeps its network namespace for a start that follows at once (a
-        restore): making one costs ~20 ms, and its addresses and rules stay as they were."""
+    async def stop(self, sprite_id: str) -> None:
+        """End every process of the sprite and release its runtime resources (not its
+        network namespace: `wisp.network` owns that)."""
 
     @abc.abstractmethod
     async def terminate(self, sprite_ids: list[str], grace: float) -> None:

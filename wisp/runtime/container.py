@@ -1,9 +1,7 @@
 """The container runtime: each running sprite is a runc container whose PID 1 is wisp-init.
 
-Only this module speaks runc. Every sprite gets a network namespace made by the host
-(`ip netns add wisp-<server tag>-<id>`, loopback up): it is owned by the host user namespace,
-so root in the sprite cannot reconfigure it, and the egress-policy work can later put a veth
-pair and nftables in it without touching the container spec.
+Only this module speaks runc. The sprite runs in the network namespace `wisp.network`
+made for it (given to `start`); runc joins it and never creates or removes one.
 
 What the host lends a sprite (the init binary, /etc/hosts, the agent's socket directory)
 lives on a small tmpfs of its own, its "boot" dir (`/run/wisp/<server tag>/<id>`): bound
@@ -27,11 +25,10 @@ from wisp.errors import SystemError_
 from wisp.runtime import agent
 from wisp.runtime.base import ROOT_UID_BASE, Limits, Runtime
 from wisp.runtime.oci import make_spec
-from wisp.system import is_mountpoint, mount_tmpfs, mounts_under, process_running, run, unmount
+from wisp.system import mount_tmpfs, mounts_under, process_running, run, unmount
 
 __all__ = ["ContainerRuntime", "init_binary_path", "build_init"]
 
-NETNS_DIR = Path("/run/netns")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: The cgroup, below the sprite's own, that every process the agent starts is in (forked
 #: there by the agent's zygote, see wisp-init.c). The sprite's cgroup holds the agent and is
@@ -88,9 +85,6 @@ class ContainerRuntime(Runtime):
     def _runc(self, *args: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
         return ["runc", "--root", self.runc_root, *args]
 
-    def netns_name(self, sprite_id: str) -> str:
-        return f"wisp-{self.tag}-{sprite_id.removeprefix('sprite-')[:24]}"
-
     def bundle_dir(self, sprite_id: str) -> Path:
         return self.run_dir / sprite_id / "bundle"
 
@@ -119,23 +113,6 @@ class ContainerRuntime(Runtime):
         unmount(boot)
         shutil.rmtree(boot, ignore_errors=True)
 
-    async def _ensure_netns(self, sprite_id: str) -> Path:
-        name = self.netns_name(sprite_id)
-        path = NETNS_DIR / name
-        if is_mountpoint(path, "nsfs"):
-            return path  # kept from the sprite's last run, lo already up
-        if path.exists():  # a stale name left by a crash
-            await run("ip", "netns", "delete", name, check=False)
-        await run("ip", "netns", "add", name)
-        await run("ip", "-n", name, "link", "set", "lo", "up")
-        return path
-
-    async def _remove_netns(self, sprite_id: str) -> None:
-        # and the name used before namespaces carried the server's tag
-        for name in (self.netns_name(sprite_id), f"wisp-{sprite_id[:24]}"):
-            if (NETNS_DIR / name).exists():
-                await run("ip", "netns", "delete", name, check=False)
-
     def _write_hosts(self, path: Path, hostname: str) -> None:
         # Rewritten in place: the sprite sees this inode through a bind mount.
         with open(path, "w") as f:
@@ -161,7 +138,7 @@ class ContainerRuntime(Runtime):
         return pid if process_running(pid) else None
 
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
-                    limits: Limits) -> None:
+                    limits: Limits, netns: Path) -> None:
         if self.init_pid(sprite_id) is not None and await self.running(sprite_id):
             return
         await self._delete(sprite_id)  # a dead leftover with the same id blocks `runc run`
@@ -169,7 +146,6 @@ class ContainerRuntime(Runtime):
         bundle = self.bundle_dir(sprite_id)
         bundle.mkdir(parents=True, exist_ok=True)
         boot = self._make_boot(sprite_id, hostname)
-        netns = await self._ensure_netns(sprite_id)
         # cgroup v1 (this project's test hosts): a workload cgroup below the sprite's, see
         # WORKLOAD. On a pure cgroup v2 host the sprite's cgroup could not hold the agent
         # beside a child cgroup ("no internal processes"), so there the limits apply to
@@ -354,10 +330,8 @@ class ContainerRuntime(Runtime):
             raise SystemError_(f"runc delete {sprite_id} failed: "
                                f"{res.stderr.decode(errors='replace')[-300:]}")
 
-    async def stop(self, sprite_id: str, *, keep_network: bool = False) -> None:
+    async def stop(self, sprite_id: str) -> None:
         await self._delete(sprite_id)
-        if not keep_network:
-            await self._remove_netns(sprite_id)
         sprite_run = self.run_dir / sprite_id
         shutil.rmtree(sprite_run / "bundle", ignore_errors=True)
         self._remove_boot(sprite_id)

@@ -1,0 +1,82 @@
+"""The server's nftables table: what a sprite's packets may do on the host.
+
+One table per server, `inet wisp_<tag>`, replaced as a whole (`nft -f`, atomic). It matches
+sprites by their host-side veth names (`w<tag6>*`), so it needs no change per sprite:
+
+* input (packets to any host address): only DNS to the sprite's own gateway address, and
+  replies to connections the host opened; the Wisp API and every other host service, and
+  the host's other addresses, are dropped.
+* forward: a sprite's packets may leave only through the uplink, never to another sprite
+  (another veth) nor to a private, link-local, loopback, multicast or reserved range, and
+  only with its own source address; nothing may open a connection into a sprite.
+* postrouting: masquerade the subnet out of the uplink.
+* IPv6 from a sprite is dropped everywhere: it is off, never a way around these rules.
+
+The table's `subnet` set is also the server's claim on its subnet: another server picks
+a subnet no `wisp_*` table holds (`Network.start`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+__all__ = ["BLOCKED_RANGES", "table_name", "ruleset", "delete_command"]
+
+#: Destinations a sprite never reaches: RFC 1918, CGNAT, loopback, link-local (cloud
+#: metadata at 169.254.169.254 included), "this network", IETF protocol assignments,
+#: benchmarking, multicast and reserved.
+BLOCKED_RANGES = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8",
+                  "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16",
+                  "198.18.0.0/15", "224.0.0.0/3")
+
+
+def table_name(tag: str) -> str:
+    return f"wisp_{tag}"
+
+
+def ruleset(tag: str, ifprefix: str, subnet: ipaddress.IPv4Network, uplink: str) -> str:
+    """The whole table as `nft -f` input: created if missing, then flushed and refilled in
+    the same transaction, so there is no moment without the rules."""
+    t = table_name(tag)
+    sprites = f'iifname "{ifprefix}*"'
+    return f"""table inet {t}
+delete table inet {t}
+table inet {t} {{
+    set subnet {{ type ipv4_addr; flags interval; elements = {{ {subnet} }}; }}
+    set blocked {{ type ipv4_addr; flags interval; elements = {{ {", ".join(BLOCKED_RANGES)} }}; }}
+    chain input {{
+        type filter hook input priority filter - 1; policy accept;
+        {sprites} jump sprite_in
+    }}
+    chain sprite_in {{
+        meta nfproto != ipv4 counter drop
+        ct state established,related accept
+        ip daddr != @subnet counter drop
+        udp dport 53 accept
+        tcp dport 53 accept
+        counter drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter - 1; policy accept;
+        {sprites} jump sprite_out
+        oifname "{ifprefix}*" ct state established,related accept
+        oifname "{ifprefix}*" counter drop
+    }}
+    chain sprite_out {{
+        meta nfproto != ipv4 counter drop
+        ip saddr != @subnet counter drop
+        oifname != "{uplink}" counter drop
+        ip daddr @blocked counter drop
+        accept
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr @subnet oifname "{uplink}" masquerade
+    }}
+}}
+"""
+
+
+def delete_command(tag: str) -> str:
+    t = table_name(tag)
+    return f"table inet {t}\ndelete table inet {t}\n"
