@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework.internet import Internet
 from tests.framework.leaks import leaks
 from tests.framework.replies import audit
 from tests.framework.server import WispServer
@@ -82,3 +83,32 @@ def sprite_factory(client, server: WispServer) -> Iterator[Callable[..., object]
 @pytest.fixture
 def sprite(sprite_factory):  # type: ignore[no-untyped-def]
     return sprite_factory()
+
+
+# -- network: a fake internet and a server whose uplink it is (tests/framework/internet.py)
+@pytest.fixture(scope="module")
+def internet() -> Iterator[Internet]:
+    """Its guard must count 0 packets from sprites on any other way out at the end."""
+    net = Internet()
+    net.start()
+    yield net
+    leaked = net.leaked()
+    net.stop()
+    assert leaked == 0, f"{leaked} packets from sprites tried to leave by the real uplink"
+
+
+@pytest.fixture(scope="module")
+def net_server(leak_check: Path, internet: Internet) -> Iterator[WispServer]:
+    srv = WispServer(leak_check / "network", extra_env={"WISP_UPLINK": internet.uplink})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def net_client(net_server: WispServer):  # type: ignore[no-untyped-def]
+    from sprites import SpritesClient
+
+    c = SpritesClient(net_server.token, base_url=net_server.url)
+    yield c
+    c.close()

@@ -89,6 +89,20 @@ def _boot_dirs(tags: set[str]) -> list[str]:
     return found
 
 
+def _veths(tags: set[str]) -> list[str]:
+    """Host-side sprite veths (`w<tag6><slot>`, wisp/network/links.py)."""
+    prefixes = tuple(f"w{t[:6]}" for t in tags)
+    return sorted(d.name for d in Path("/sys/class/net").iterdir()
+                  if prefixes and d.name.startswith(prefixes) and len(d.name) == 11)
+
+
+def _nft_tables(tags: set[str]) -> list[str]:
+    res = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+    names = {f"wisp_{t}" for t in tags}
+    return sorted(line for line in res.stdout.splitlines()
+                  if line.split()[-1:] and line.split()[-1] in names)
+
+
 def leaks(base: Path) -> dict[str, list[str]]:
     """Every mount, loop device, runc container and process tied to `base`, plus any wisp
     network namespace on the host. Empty lists everywhere means a clean host."""
@@ -101,4 +115,6 @@ def leaks(base: Path) -> dict[str, list[str]]:
         "processes": _processes_mentioning(b),
         "network namespaces": _netns(tags),
         "boot dirs": _boot_dirs(tags),
+        "veths": _veths(tags),
+        "nftables tables": _nft_tables(tags),
     }

@@ -56,9 +56,11 @@ class WispServer:
         env.pop("WISP_TOKEN", None)
         if not self.generated_token:
             env["WISP_TOKEN"] = self.token
+        # WISP_UPLINK=none: no test sprite reaches the machine's real uplink; network tests
+        # give their own (tests/framework/internet.py)
         env.update({"WISP_IMAGE": self.image,
                     "WISP_IMAGES_DIR": str(IMAGES_DIR), "WISP_NO_CLIENT_CONFIG": "1",
-                    "PYTHONPATH": str(REPO)})
+                    "WISP_UPLINK": "none", "PYTHONPATH": str(REPO)})
         env.update(self.extra_env)
         return env
 

@@ -1,0 +1,162 @@
+"""A fake internet inside network namespaces the test builds, so no packet leaves the host.
+
+    host ── <uplink> ═══ veth ═══ inet0 ── [netns "wti-<n>"]
+            198.51.100.254/24     198.51.100.1/24   HTTP servers on 198.51.100.1 and on
+                                                    203.0.113.1 (lo), 10.99.0.1 and
+                                                    169.254.169.254 (lo)
+
+The host end is the uplink handed to Wisp (`WISP_UPLINK`). 203.0.113.0/24 (a public-style
+test range), 10.99.0.0/16 (private) and 169.254.169.254 (cloud metadata) are routed to the
+namespace through it, so a sprite that reached a private or metadata address would get an
+answer: only Wisp's rules stop it. A guard table counts (and drops) every packet from a
+sprite subnet that would leave by any other interface than the uplink, a sprite veth or
+loopback: `leaked()` must stay 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["Internet", "sh", "fetch", "address", "gateway", "host_veth"]
+
+HTTP_SERVER = r"""
+import http.server, socketserver, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"hello from {self.server.server_address[0]} to {self.client_address[0]}\n".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"""
+
+
+def _ip(*args: str, netns: str | None = None) -> None:
+    cmd = ["ip", *(["-n", netns] if netns else []), *args]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+class Internet:
+    PORT = 8080
+    GATEWAY = "198.51.100.1"
+    UPLINK_ADDR = "198.51.100.254"
+    PUBLIC = "203.0.113.1"
+    PRIVATE = "10.99.0.1"
+    METADATA = "169.254.169.254"
+
+    def __init__(self) -> None:
+        n = os.getpid() % 100000
+        self.netns = f"wti-{n}"
+        self.uplink = f"wtu{n}"
+        self.guard = f"wtguard_{n}"
+        self.servers: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        self.stop()
+        # one fake internet per host at a time: its routes would shadow another's
+        taken = subprocess.run(["ip", "-4", "route", "show", "to", "match", self.GATEWAY],
+                               capture_output=True, text=True, check=True).stdout
+        taken += subprocess.run(["ip", "-4", "route", "show", "to", "match", self.PUBLIC],
+                                capture_output=True, text=True, check=True).stdout
+        if any(not line.startswith("default") for line in taken.splitlines()):
+            raise RuntimeError(f"the test addresses are routed already (another test run?):"
+                               f"\n{taken}")
+        _ip("netns", "add", self.netns)
+        _ip("link", "set", "lo", "up", netns=self.netns)
+        _ip("link", "add", self.uplink, "type", "veth", "peer", "name", "inet0", "netns",
+            self.netns)
+        _ip("addr", "add", f"{self.UPLINK_ADDR}/24", "dev", self.uplink)
+        _ip("link", "set", self.uplink, "up")
+        _ip("addr", "add", f"{self.GATEWAY}/24", "dev", "inet0", netns=self.netns)
+        _ip("link", "set", "inet0", "up", netns=self.netns)
+        for addr in (self.PUBLIC, self.PRIVATE, self.METADATA):
+            _ip("addr", "add", f"{addr}/32", "dev", "lo", netns=self.netns)
+        _ip("route", "add", "default", "via", self.UPLINK_ADDR, netns=self.netns)
+        for net in ("203.0.113.0/24", "10.99.0.0/16", f"{self.METADATA}/32"):
+            _ip("route", "add", net, "via", self.GATEWAY, "dev", self.uplink)
+        subprocess.run(["nft", "-f", "-"], check=True, capture_output=True, timeout=30,
+                       input=f"""table inet {self.guard} {{
+    chain post {{
+        type filter hook postrouting priority -400; policy accept;
+        oifname {{ "lo", "{self.uplink}" }} return
+        oifname "w*" return
+        ip saddr 10.0.0.0/8 counter drop
+    }}
+}}
+""".encode())
+        for addr in (self.GATEWAY, self.PUBLIC, self.PRIVATE, self.METADATA):
+            self.servers.append(subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, sys.executable, "-c", HTTP_SERVER, addr,
+                 str(self.PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 10
+        for addr in (self.GATEWAY, self.PUBLIC, self.PRIVATE, self.METADATA):
+            while subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c",
+                                  f"import socket; socket.create_connection(('{addr}', "
+                                  f"{self.PORT}), 1)"], capture_output=True).returncode:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"test HTTP server on {addr} did not start")
+                time.sleep(0.05)
+
+    def leaked(self) -> int:
+        """Packets from a sprite subnet that tried to leave by another interface."""
+        out = subprocess.run(["nft", "list", "table", "inet", self.guard], check=True,
+                             capture_output=True, text=True, timeout=30).stdout
+        for line in out.splitlines():
+            if "counter packets" in line:
+                return int(line.split("counter packets")[1].split()[0])
+        raise RuntimeError("the guard's counter is missing")
+
+    def stop(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            proc.wait()
+        self.servers.clear()
+        subprocess.run(["nft", "delete", "table", "inet", self.guard], capture_output=True)
+        if Path("/sys/class/net", self.uplink).exists():
+            subprocess.run(["ip", "link", "delete", self.uplink], capture_output=True)
+        if Path("/run/netns", self.netns).exists():
+            subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True)
+
+
+# -- probes run inside a sprite (busybox tools) ------------------------------------------
+def sh(sprite, script: str) -> str:  # type: ignore[no-untyped-def]
+    return sprite.command("sh", "-c", script).output().decode()
+
+
+def fetch(sprite, addr: str) -> str:  # type: ignore[no-untyped-def]
+    """The body of GET / on the test servers' port, or "FAILED\n" when no connection could
+    be made within 2 s, or no answer within 5 s (raw HTTP over busybox nc: the static
+    busybox's wget crashes)."""
+    out = sh(sprite, f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 nc -w 2 {addr} "
+                     f"{Internet.PORT} 2>/dev/null || echo FAILED")
+    return out.split("\r\n\r\n", 1)[1] if "\r\n\r\n" in out else out
+
+
+def address(sprite) -> str:  # type: ignore[no-untyped-def]
+    out = sh(sprite, "ip -4 -o addr show dev eth0")
+    m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/31", out)
+    assert m, out
+    return m.group(1)
+
+
+def gateway(sprite) -> str:  # type: ignore[no-untyped-def]
+    out = sh(sprite, "ip -4 route show default")
+    m = re.search(r"default via (\d+\.\d+\.\d+\.\d+)", out)
+    assert m, out
+    return m.group(1)
+
+
+def host_veth(sprite) -> str | None:  # type: ignore[no-untyped-def]
+    """The host-side name of the sprite's eth0 (`eth0@ifN`: N is the host's ifindex)."""
+    m = re.search(r"eth0@if(\d+)", sh(sprite, "ip -o link show dev eth0"))
+    assert m
+    for d in Path("/sys/class/net").iterdir():
+        if (d / "ifindex").read_text().strip() == m.group(1):
+            return d.name
+    return None
