@@ -99,7 +99,8 @@ def internet() -> Iterator[Internet]:
 
 @pytest.fixture(scope="module")
 def net_server(leak_check: Path, internet: Internet) -> Iterator[WispServer]:
-    srv = WispServer(leak_check / "network", extra_env={"WISP_UPLINK": internet.uplink})
+    srv = WispServer(leak_check / "network", extra_env={"WISP_UPLINK": internet.uplink,
+                                                         "WISP_DNS_UPSTREAM": internet.GATEWAY})
     srv.start()
     yield srv
     srv.stop()

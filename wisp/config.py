@@ -35,10 +35,12 @@ on connections (docs/security.md, "Limits"):
     [network]
     uplink = "auto"           # interface sprites' traffic leaves by; "none": loopback only
     subnet = "auto"           # sprite addresses, e.g. "10.213.0.0/16"
+    dns_upstream = []         # resolvers asked for sprites; default: the host's resolv.conf
 
 Env vars override the file: WISP_DATA_DIR, WISP_LISTEN, WISP_TOKEN, WISP_IMAGES_DIR,
 WISP_IMAGE, WISP_WARM_POOL, WISP_STOP_GRACE, WISP_CHECKPOINT_MAX_BYTES, WISP_HEADER_TIMEOUT,
-WISP_KEEP_ALIVE_TIMEOUT, WISP_MAX_CONNECTIONS, WISP_UPLINK, WISP_SUBNET.
+WISP_KEEP_ALIVE_TIMEOUT, WISP_MAX_CONNECTIONS, WISP_UPLINK, WISP_SUBNET,
+WISP_DNS_UPSTREAM (comma separated).
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class NetworkConfig:
     uplink: str = "auto"
     #: Where sprite addresses come from: "auto" (a free 10.x.0.0/16) or an IPv4 network.
     subnet: str = "auto"
+    #: The servers Wisp's resolver asks for sprites, in order; empty: the host's
+    #: /etc/resolv.conf nameservers.
+    dns_upstream: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +169,18 @@ def _section(doc: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
+def _addresses(what: str, value: Any) -> list[str]:
+    """A list of IPv4 addresses (DNS servers are asked on port 53)."""
+    import ipaddress
+
+    if not isinstance(value, list):
+        raise BadRequest(f"config: {what} must be a list of IPv4 addresses")
+    try:
+        return [str(ipaddress.IPv4Address(str(v).strip())) for v in value]
+    except ValueError as exc:
+        raise BadRequest(f"config: {what}: {exc}") from None
+
+
 def _check_limits(cfg: Config) -> None:
     """The connection limits as numbers (from TOML or env text), each positive."""
     try:
@@ -232,6 +249,8 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
             if not isinstance(network[key], str) or not network[key]:
                 raise BadRequest(f"config: network.{key} must be a non-empty string")
             setattr(cfg.network, key, network[key])
+    if "dns_upstream" in network:
+        cfg.network.dns_upstream = _addresses("network.dns_upstream", network["dns_upstream"])
 
     env = os.environ
     if env.get("WISP_DATA_DIR"):
@@ -254,6 +273,9 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.network.uplink = env["WISP_UPLINK"]
     if env.get("WISP_SUBNET"):
         cfg.network.subnet = env["WISP_SUBNET"]
+    if env.get("WISP_DNS_UPSTREAM"):
+        cfg.network.dns_upstream = _addresses("WISP_DNS_UPSTREAM",
+                                              env["WISP_DNS_UPSTREAM"].split(","))
     for key in ("header_timeout", "keep_alive_timeout", "max_connections"):
         if env.get(f"WISP_{key.upper()}"):
             setattr(cfg, key, env[f"WISP_{key.upper()}"])

@@ -287,7 +287,8 @@ class Sprites:
                     await self.runtime.start(sprite_id, "sprite", rootfs,
                                              self.sprites_run / sprite_id,
                                              Limits(self.config.memory_mb, self.config.cpus,
-                                                    self.config.pids), net.netns)
+                                                    self.config.pids), net.netns,
+                                             net.resolv_conf)
                     pid = self.runtime.init_pid(sprite_id)
                     if pid is None:
                         raise SystemError_("warm sprite's init is gone")
@@ -474,7 +475,8 @@ class Sprites:
             net = await self.network.attach(row.id)
             await self.runtime.start(row.id, row.name, rootfs, self.sprites_run / row.id,
                                      Limits(self.config.memory_mb, self.config.cpus,
-                                            self.config.pids), net.netns)
+                                            self.config.pids), net.netns,
+                                     net.resolv_conf)
         except BaseException:
             await asyncio.shield(self._stop(row.id))
             raise

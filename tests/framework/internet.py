@@ -3,7 +3,11 @@
     host ── <uplink> ═══ veth ═══ inet0 ── [netns "wti-<n>"]
             198.51.100.254/24     198.51.100.1/24   HTTP servers on 198.51.100.1 and on
                                                     203.0.113.1 (lo), 10.99.0.1 and
-                                                    169.254.169.254 (lo)
+                                                    169.254.169.254 (lo); DNS for the
+                                                    zone `test.` on 198.51.100.1:53
+                                                    (web.test -> 203.0.113.1, www.web.test
+                                                    CNAME web.test, private.test ->
+                                                    10.99.0.1)
 
 The host end is the uplink handed to Wisp (`WISP_UPLINK`). 203.0.113.0/24 (a public-style
 test range), 10.99.0.0/16 (private) and 169.254.169.254 (cloud metadata) are routed to the
@@ -34,6 +38,42 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 socketserver.ThreadingTCPServer.allow_reuse_address = True
 socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"""
+
+
+#: The fake internet's authoritative DNS for the zone `test.` (on the gateway, port 53).
+DNS_SERVER = r"""
+import socket, socketserver, struct, sys
+from dnslib import A, CNAME, QTYPE, RCODE, RR, DNSRecord
+ZONE = {"web.test.": ("A", sys.argv[2]), "www.web.test.": ("CNAME", "web.test."),
+        "private.test.": ("A", sys.argv[3])}
+def answer(data):
+    q = DNSRecord.parse(data); r = q.reply(); name = str(q.q.qname).lower()
+    if name not in ZONE:
+        r.header.rcode = RCODE.NXDOMAIN; return r.pack()
+    while name in ZONE:
+        kind, value = ZONE[name]
+        if kind == "CNAME":
+            r.add_answer(RR(name, QTYPE.CNAME, ttl=60, rdata=CNAME(value))); name = value
+        else:
+            if q.q.qtype == QTYPE.A:
+                r.add_answer(RR(name, QTYPE.A, ttl=60, rdata=A(value)))
+            break
+    return r.pack()
+class U(socketserver.BaseRequestHandler):
+    def handle(self):
+        data, sock = self.request; sock.sendto(answer(data), self.client_address)
+class T(socketserver.BaseRequestHandler):
+    def handle(self):
+        n = struct.unpack("!H", self.request.recv(2))[0]; data = b""
+        while len(data) < n: data += self.request.recv(n - len(data))
+        out = answer(data); self.request.sendall(struct.pack("!H", len(out)) + out)
+import threading
+socketserver.ThreadingUDPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+t = socketserver.ThreadingTCPServer((sys.argv[1], 53), T)
+threading.Thread(target=t.serve_forever, daemon=True).start()
+socketserver.ThreadingUDPServer((sys.argv[1], 53), U).serve_forever()
 """
 
 
@@ -90,6 +130,10 @@ class Internet:
     }}
 }}
 """.encode())
+        self.servers.append(subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, sys.executable, "-c", DNS_SERVER,
+             self.GATEWAY, self.PUBLIC, self.PRIVATE],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for addr in (self.GATEWAY, self.PUBLIC, self.PRIVATE, self.METADATA):
             self.servers.append(subprocess.Popen(
                 ["ip", "netns", "exec", self.netns, sys.executable, "-c", HTTP_SERVER, addr,

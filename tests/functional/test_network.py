@@ -9,12 +9,14 @@ and its guard counter of packets that tried another way out must read 0 at the e
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 from pathlib import Path
 
+from dnslib import DNSRecord
 from sprites import SpritesClient
 
-from tests.framework.internet import Internet, address, fetch, host_veth
+from tests.framework.internet import Internet, address, fetch, gateway, host_veth, sh
 from tests.framework.leaks import leaks
 from tests.framework.server import WispServer
 
@@ -34,6 +36,32 @@ def test_sprite_reaches_internet_through_nat(net_client: SpritesClient,
         assert address(s).startswith("10.")
     finally:
         net_client.delete_sprite("net-out")
+
+
+def test_names_resolve_through_wisp(net_client: SpritesClient, internet: Internet) -> None:
+    """The sprite's resolv.conf names its gateway; names of the test zone resolve (CNAME
+    chains too, over UDP and TCP), and a query sent to any other resolver is answered by
+    Wisp's all the same (it never leaves: the guard counts it otherwise)."""
+    s = net_client.create_sprite("net-dns")
+    try:
+        conf = sh(s, "cat /etc/resolv.conf")
+        assert f"nameserver {gateway(s)}" in conf
+        assert internet.PUBLIC in sh(s, "nslookup web.test")
+        assert internet.PUBLIC in sh(s, "nslookup www.web.test")
+        assert "NXDOMAIN" in sh(s, "nslookup nothing.test 2>&1; true")
+        # 192.0.2.53 and 8.8.8.8 are routed nowhere here: only the redirect answers
+        assert internet.PUBLIC in sh(s, "nslookup web.test 8.8.8.8")
+        assert fetch(s, internet.PUBLIC).startswith("hello")
+        # over TCP (busybox has no TCP client for DNS: the query's bytes go through nc)
+        query = DNSRecord.question("www.web.test").pack()
+        framed = struct.pack("!H", len(query)) + query
+        octal = "".join(f"\\{b:03o}" for b in framed)
+        out = sh(s, f"printf '{octal}' | timeout 5 nc -w 2 {gateway(s)} 53 | od -An -v -tx1")
+        data = bytes.fromhex("".join(out.split()))
+        reply = DNSRecord.parse(data[2:2 + struct.unpack("!H", data[:2])[0]])
+        assert internet.PUBLIC in [str(rr.rdata) for rr in reply.rr]
+    finally:
+        net_client.delete_sprite("net-dns")
 
 
 def test_restore_keeps_network_and_delete_removes_it(net_client: SpritesClient,
@@ -59,7 +87,8 @@ def test_sigkill_then_start_leaves_no_network(leak_check: Path, internet: Intern
     """A server killed with SIGKILL leaves its sprite's veth and its table behind; the next
     start removes them, the sprite gets a new veth and egress again, and a stop leaves no
     veth and no table."""
-    srv = WispServer(leak_check / "network-kill", extra_env={"WISP_UPLINK": internet.uplink})
+    srv = WispServer(leak_check / "network-kill", extra_env={
+        "WISP_UPLINK": internet.uplink, "WISP_DNS_UPSTREAM": internet.GATEWAY})
     srv.start()
     try:
         c = SpritesClient(srv.token, base_url=srv.url)

@@ -38,10 +38,12 @@ def test_bad_subnets_refused(text: str) -> None:
 
 def test_ruleset_is_valid_nft() -> None:
     """The generated table parses with the real nft (check mode: nothing is loaded)."""
-    text = ruleset("0123456789", "w012345", ipaddress.IPv4Network("10.213.0.0/16"), "eth0")
+    text = ruleset("0123456789", "w012345", ipaddress.IPv4Network("10.213.0.0/16"), "eth0",
+                   5353)
     res = subprocess.run(["nft", "-c", "-f", "-"], input=text.encode(), capture_output=True)
     assert res.returncode == 0, res.stderr.decode()
     assert 'oifname != "eth0" counter drop' in text
+    assert "th dport 53 redirect to :5353" in text
 
 
 def test_network_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,9 +3,11 @@
 One table per server, `inet wisp_<tag>`, replaced as a whole (`nft -f`, atomic). It matches
 sprites by their host-side veth names (`w<tag6>*`), so it needs no change per sprite:
 
-* input (packets to any host address): only DNS to the sprite's own gateway address, and
-  replies to connections the host opened; the Wisp API and every other host service, and
-  the host's other addresses, are dropped.
+* prerouting: every DNS packet from a sprite (port 53, any address) is redirected to the
+  server's resolver port (`wisp.network.dns`): a sprite cannot ask another resolver.
+* input (packets to any host address): only that resolver port, and replies to
+  connections the host opened; the Wisp API and every other host service, and the
+  host's other addresses, are dropped. The resolver port is dropped for anyone else.
 * forward: a sprite's packets may leave only through the uplink, never to another sprite
   (another veth) nor to a private, link-local, loopback, multicast or reserved range, and
   only with its own source address; nothing may open a connection into a sprite.
@@ -34,7 +36,8 @@ def table_name(tag: str) -> str:
     return f"wisp_{tag}"
 
 
-def ruleset(tag: str, ifprefix: str, subnet: ipaddress.IPv4Network, uplink: str) -> str:
+def ruleset(tag: str, ifprefix: str, subnet: ipaddress.IPv4Network, uplink: str,
+            dns_port: int) -> str:
     """The whole table as `nft -f` input: created if missing, then flushed and refilled in
     the same transaction, so there is no moment without the rules."""
     t = table_name(tag)
@@ -44,16 +47,20 @@ delete table inet {t}
 table inet {t} {{
     set subnet {{ type ipv4_addr; flags interval; elements = {{ {subnet} }}; }}
     set blocked {{ type ipv4_addr; flags interval; elements = {{ {", ".join(BLOCKED_RANGES)} }}; }}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        {sprites} meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns_port}
+    }}
     chain input {{
         type filter hook input priority filter - 1; policy accept;
         {sprites} jump sprite_in
+        meta l4proto {{ tcp, udp }} th dport {dns_port} counter drop
     }}
     chain sprite_in {{
         meta nfproto != ipv4 counter drop
         ct state established,related accept
         ip daddr != @subnet counter drop
-        udp dport 53 accept
-        tcp dport 53 accept
+        meta l4proto {{ tcp, udp }} th dport {dns_port} accept
         counter drop
     }}
     chain forward {{

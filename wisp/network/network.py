@@ -23,6 +23,7 @@ from wisp.config import NetworkConfig
 from wisp.errors import BadRequest, SystemError_
 from wisp.network import firewall, links
 from wisp.network.addresses import Pair, SlotPool, parse_subnet
+from wisp.network.dns import Resolver, host_nameservers
 from wisp.system import run
 
 __all__ = ["Network", "NetworkConfig", "Attachment"]
@@ -42,6 +43,14 @@ class Attachment:
     #: The sprite's address and its gateway (the host's end); None without an uplink.
     pair: Pair | None
 
+    @property
+    def resolv_conf(self) -> str | None:
+        """The sprite's /etc/resolv.conf: its gateway, where every DNS packet it sends is
+        answered by Wisp's resolver anyway (None without an uplink: the image's own)."""
+        if self.pair is None:
+            return None
+        return f"nameserver {self.pair.host}\noptions edns0\n"
+
 
 class Network:
     def __init__(self, config: NetworkConfig, tag: str) -> None:
@@ -51,6 +60,7 @@ class Network:
         self.pool: SlotPool | None = None
         self._slots: dict[str, int] = {}
         self._lock = asyncio.Lock()
+        self.resolver: Resolver | None = None
 
     # -- server start / stop --------------------------------------------------------------
     async def start(self) -> None:
@@ -63,14 +73,25 @@ class Network:
         if self.uplink is None:
             await self._delete_table()
             return
+        upstream = self.config.dns_upstream or host_nameservers()
+        if not upstream:
+            raise SystemError_("no DNS upstream: the host's resolv.conf names no nameserver; "
+                               "set network.dns_upstream")
+        self.resolver = Resolver(upstream)
+        await self.resolver.start()
         LOCK.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             # host-wide: two servers starting at once must not pick the same subnet
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
             subnet = await self._choose_subnet()
-            text = firewall.ruleset(self.tag, links.ifprefix(self.tag), subnet, self.uplink)
+            text = firewall.ruleset(self.tag, links.ifprefix(self.tag), subnet, self.uplink,
+                                    self.resolver.port)
             await run("nft", "-f", "-", input=text.encode(), timeout=30)
+        except BaseException:
+            await self.resolver.stop()
+            self.resolver = None
+            raise
         finally:
             os.close(fd)
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
@@ -82,6 +103,9 @@ class Network:
         for link in await links.links(self.tag):
             await links.remove_link(link.ifname)
         await self._delete_table()
+        if self.resolver is not None:
+            await self.resolver.stop()
+            self.resolver = None
         self._slots.clear()
         self.pool = None
 
@@ -168,6 +192,8 @@ class Network:
                 raise
             if pair is not None:
                 self._slots[sprite_id] = pair.slot
+                if self.resolver is not None:
+                    self.resolver.sprites[str(pair.sprite)] = sprite_id
             return Attachment(path, pair)
 
     async def detach(self, sprite_id: str) -> None:
@@ -180,3 +206,5 @@ class Network:
             await links.remove(self.tag, sprite_id, slot)
             if slot is not None and self.pool is not None:
                 self.pool.release(slot)
+                if self.resolver is not None:
+                    self.resolver.sprites.pop(str(self.pool.pair(slot).sprite), None)

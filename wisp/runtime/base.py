@@ -62,9 +62,10 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
-                    limits: Limits, netns: Path) -> None:
+                    limits: Limits, netns: Path, resolv_conf: str | None = None) -> None:
         """Start the sprite's init on `rootfs` in the network namespace at `netns` (made by
-        `wisp.network`); return once its agent socket accepts."""
+        `wisp.network`), with `resolv_conf` as its /etc/resolv.conf if given (else the
+        image's); return once its agent socket accepts."""
 
     @abc.abstractmethod
     async def stop(self, sprite_id: str) -> None:

@@ -138,7 +138,7 @@ class ContainerRuntime(Runtime):
         return pid if process_running(pid) else None
 
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
-                    limits: Limits, netns: Path) -> None:
+                    limits: Limits, netns: Path, resolv_conf: str | None = None) -> None:
         if self.init_pid(sprite_id) is not None and await self.running(sprite_id):
             return
         await self._delete(sprite_id)  # a dead leftover with the same id blocks `runc run`
@@ -146,6 +146,8 @@ class ContainerRuntime(Runtime):
         bundle = self.bundle_dir(sprite_id)
         bundle.mkdir(parents=True, exist_ok=True)
         boot = self._make_boot(sprite_id, hostname)
+        if resolv_conf is not None:
+            (boot / "resolv.conf").write_text(resolv_conf)
         # cgroup v1 (this project's test hosts): a workload cgroup below the sprite's, see
         # WORKLOAD. On a pure cgroup v2 host the sprite's cgroup could not hold the agent
         # beside a child cgroup ("no internal processes"), so there the limits apply to
@@ -155,7 +157,8 @@ class ContainerRuntime(Runtime):
                        limits.pids + RESERVE_PIDS) if reserve else limits
         spec = make_spec(hostname=hostname, rootfs=rootfs, init_binary=boot / "init",
                          agent_dir=boot / "run", hosts_file=boot / "hosts", netns=netns,
-                         cgroup_path=f"/wisp/{sprite_id}", limits=outer)
+                         cgroup_path=f"/wisp/{sprite_id}", limits=outer,
+                         resolv_conf=boot / "resolv.conf" if resolv_conf is not None else None)
         (bundle / "config.json").write_text(json.dumps(spec, indent=1))
         log = self.run_dir / sprite_id / "init.log"
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

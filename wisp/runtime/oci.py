@@ -62,10 +62,10 @@ def _seccomp() -> dict[str, Any]:
 
 def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path,
               hosts_file: Path, netns: Path, cgroup_path: str,
-              limits: Limits) -> dict[str, Any]:
+              limits: Limits, resolv_conf: Path | None = None) -> dict[str, Any]:
     """The config.json for one sprite; PID 1 is the Wisp init agent."""
     quota_period = 100_000
-    return {
+    spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
@@ -101,6 +101,9 @@ def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path
             # Generated, so `sudo` and friends resolve the sprite's own hostname.
             {"destination": "/etc/hosts", "type": "none", "source": str(hosts_file),
              "options": ["bind", "ro", "nosuid", "nodev", "noexec"]},
+            *([{"destination": "/etc/resolv.conf", "type": "none", "source": str(resolv_conf),
+                 "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}]
+              if resolv_conf is not None else []),
             {"destination": "/.wisp/init", "type": "none", "source": str(init_binary),
              "options": ["bind", "ro", "nosuid", "nodev"]},
             {"destination": "/.wisp/run", "type": "none", "source": str(agent_dir),
@@ -132,3 +135,4 @@ def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path
             "seccomp": _seccomp(),
         },
     }
+    return spec
