@@ -454,6 +454,14 @@ class Sprites:
         async with self.lock(row.id):
             return await self._start(self.row(name))
 
+    async def connect(self, name: str, host: str, port: int
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        """A TCP connection to `host:port` inside the sprite (woken first), and the target
+        as "ip:port": for the URL and port proxies. Raises `DialError` (the message is fit
+        for the client) when nothing answers there."""
+        await self.handle(name)
+        return await self.network.connect(self.row(name).id, host, port)
+
     async def handle_locked(self, row: SpriteRow) -> SpriteHandle:
         """`handle` for a caller that already holds the sprite's lock."""
         return await self._start(row)

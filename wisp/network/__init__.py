@@ -4,6 +4,7 @@ Every runtime driver gets its sprite's network namespace from here (`Network.att
 see docs/network.md.
 """
 
+from wisp.network.dial import DialError
 from wisp.network.network import Attachment, Network, NetworkConfig
 
-__all__ = ["Attachment", "Network", "NetworkConfig"]
+__all__ = ["Attachment", "DialError", "Network", "NetworkConfig"]

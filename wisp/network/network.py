@@ -21,7 +21,7 @@ from pathlib import Path
 
 from wisp.config import NetworkConfig
 from wisp.errors import BadRequest, SystemError_
-from wisp.network import firewall, links
+from wisp.network import dial, firewall, links
 from wisp.network.addresses import Pair, SlotPool, parse_subnet
 from wisp.network.dns import Resolver, host_nameservers
 from wisp.system import run
@@ -169,6 +169,19 @@ class Network:
         return found
 
     # -- per sprite -----------------------------------------------------------------------
+    def netns(self, sprite_id: str) -> Path:
+        return links.NETNS_DIR / links.netns_name(self.tag, sprite_id)
+
+    async def connect(self, sprite_id: str, host: str, port: int
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        """A TCP connection to `host:port` as the sprite sees it (`localhost` is the
+        sprite's loopback), and the target as "ip:port"; raises `dial.DialError`."""
+        return await dial.open_connection(self.netns(sprite_id), host, port)
+
+    async def proc_net(self, sprite_id: str) -> dict[str, str]:
+        """The sprite's /proc/net/tcp and tcp6 (its listening ports)."""
+        return await asyncio.to_thread(dial.read_proc_net, self.netns(sprite_id))
+
     async def attach(self, sprite_id: str) -> Attachment:
         """The sprite's namespace, made if missing (idempotent: a namespace kept across a
         restore is returned as it is)."""
