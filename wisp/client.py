@@ -627,6 +627,18 @@ class Client:
         return cast(RestartResult, self._json("POST", f"/v1/sprites/{_seg(name)}/restart",
                                               timeout=SLOW_TIMEOUT))
 
+    # -- network policy (contract §2.12, §5.3)
+
+    def get_network_policy(self, sprite: str) -> dict[str, Any]:
+        data = self._json("GET", f"/v1/sprites/{_seg(sprite)}/policy/network")
+        if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+            raise ProtocolError("GET policy/network: expected an object with 'rules'")
+        return data
+
+    def set_network_policy(self, sprite: str, rules: Sequence[Mapping[str, str]]) -> None:
+        self._request("POST", f"/v1/sprites/{_seg(sprite)}/policy/network",
+                      json={"rules": [dict(r) for r in rules]}, timeout=SLOW_TIMEOUT)
+
     # -- checkpoints (contract §2.10)
 
     def list_checkpoints(self, sprite: str, *, include_auto: bool = False) -> list[Checkpoint]:

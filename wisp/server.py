@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the real imports happen in build(), keeping `wisp --help` f
     from wisp.exec.sessions import SessionRegistry
     from wisp.images import ImageStore
     from wisp.network import Network
+    from wisp.policies import Policies
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -52,6 +53,7 @@ class Services:
     sprites: Sprites
     checkpoints: Checkpoints
     network: Network
+    policies: Policies
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -84,6 +86,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.api.app import build_app
     from wisp.api.fs_routes import fs_routes
     from wisp.api.openapi import openapi_routes
+    from wisp.api.policy_routes import policy_routes
     from wisp.api.sprites_routes import sprite_routes
     from wisp.checkpoints import Checkpoints
     from wisp.db import Store
@@ -91,6 +94,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.exec.sessions import SessionRegistry
     from wisp.images import ImageStore
     from wisp.network import Network
+    from wisp.policies import Policies
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -106,9 +110,10 @@ def build(config: Config) -> tuple[Services, Starlette]:
     sprites = Sprites(config, store, volume, images, runtime, sessions, network)
     volume.on_lost = sprites.storage_lost
     checkpoints = Checkpoints(sprites)
+    policies = Policies(sprites)
     reclaimer = Reclaimer(volume, sprites.lock, config.storage.reclaim_interval)
     svc = Services(config, token, store, volume, images, runtime, sessions, sprites,
-                   checkpoints, network)
+                   checkpoints, network, policies)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -134,7 +139,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
                     log.exception("shutdown step %s failed", step.__qualname__)
             store.close()
 
-    routes = [*sprite_routes(svc), *exec_routes(sprites.handle, sessions),
+    routes = [*sprite_routes(svc), *policy_routes(policies), *exec_routes(sprites.handle, sessions),
               *fs_routes(sprites.handle, storage=volume.require), *openapi_routes()]
     app = build_app(routes, token, lifespan)
     return svc, app

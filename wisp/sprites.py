@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from wisp.config import Config
 from wisp.db import CheckpointRow, SpriteRow, Store, now
 from wisp.errors import BadRequest, InvalidName, SpriteExists, SpriteNotFound, SystemError_
-from wisp.network import Network
+from wisp.network import Network, policy
 from wisp.runtime.base import Limits, SpriteHandle
 from wisp.runtime.container import ContainerRuntime
 from wisp.storage import disk
@@ -109,6 +109,10 @@ class Sprites:
 
     def disk_dir(self, sprite_id: str) -> Path:
         return self.sprites_run / sprite_id / "disk"
+
+    def info_dir(self, sprite_id: str) -> Path:
+        """On the sprite's disk beside its root's upper layer: /.sprite, read-only inside."""
+        return self.disk_dir(sprite_id) / "sprite"
 
     def rootfs_dir(self, sprite_id: str) -> Path:
         return self.sprites_run / sprite_id / "rootfs"
@@ -284,11 +288,13 @@ class Sprites:
                     await disk.mount_disk(self.disk_image(sprite_id), self.disk_dir(sprite_id),
                                           image.rootfs, rootfs)
                     net = await self.network.attach(sprite_id)
+                    info = self.info_dir(sprite_id)
+                    await asyncio.to_thread(info.mkdir, mode=0o755, exist_ok=True)
                     await self.runtime.start(sprite_id, "sprite", rootfs,
                                              self.sprites_run / sprite_id,
                                              Limits(self.config.memory_mb, self.config.cpus,
                                                     self.config.pids), net.netns,
-                                             net.resolv_conf)
+                                             net.resolv_conf, info)
                     pid = self.runtime.init_pid(sprite_id)
                     if pid is None:
                         raise SystemError_("warm sprite's init is gone")
@@ -481,10 +487,15 @@ class Sprites:
         try:
             await disk.mount_disk(self.disk_image(row.id), disk_dir, image.rootfs, rootfs)
             net = await self.network.attach(row.id)
+            info = self.info_dir(row.id)
+            await asyncio.to_thread(info.mkdir, mode=0o755, exist_ok=True)
+            # before the sprite's first packet: its processes are new, so are its lookups
+            await self.network.set_policy(row.id, await asyncio.to_thread(policy.load, info),
+                                          fresh=True)
             await self.runtime.start(row.id, row.name, rootfs, self.sprites_run / row.id,
                                      Limits(self.config.memory_mb, self.config.cpus,
                                             self.config.pids), net.netns,
-                                     net.resolv_conf)
+                                     net.resolv_conf, info)
         except BaseException:
             await asyncio.shield(self._stop(row.id))
             raise

@@ -1,13 +1,14 @@
 """A fake internet inside network namespaces the test builds, so no packet leaves the host.
 
     host ── <uplink> ═══ veth ═══ inet0 ── [netns "wti-<n>"]
-            198.51.100.254/24     198.51.100.1/24   HTTP servers on 198.51.100.1 and on
-                                                    203.0.113.1 (lo), 10.99.0.1 and
-                                                    169.254.169.254 (lo); DNS for the
-                                                    zone `test.` on 198.51.100.1:53
-                                                    (web.test -> 203.0.113.1, www.web.test
-                                                    CNAME web.test, private.test ->
-                                                    10.99.0.1)
+            198.51.100.254/24     198.51.100.1/24   an HTTP server on port 8080 of every
+                                                    address: 198.51.100.1, 203.0.113.1-4,
+                                                    10.99.0.1, 169.254.169.254 (lo);
+                                                    authoritative DNS on 198.51.100.1:53
+                                                    for web.test (203.0.113.1), www.web.test
+                                                    (CNAME web.test), other.test (.2),
+                                                    api.web.test (.3), pypi.org (.4) and
+                                                    private.test (10.99.0.1)
 
 The host end is the uplink handed to Wisp (`WISP_UPLINK`). 203.0.113.0/24 (a public-style
 test range), 10.99.0.0/16 (private) and 169.254.169.254 (cloud metadata) are routed to the
@@ -28,16 +29,25 @@ from pathlib import Path
 
 __all__ = ["Internet", "sh", "fetch", "address", "gateway", "host_veth"]
 
+#: One server for every address of the namespace. GET / names the address it was reached
+#: on and the client's; GET /drip sends a line every 0.1 s for 30 s (a live connection).
 HTTP_SERVER = r"""
-import http.server, socketserver, sys
+import http.server, socketserver, sys, time
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = f"hello from {self.server.server_address[0]} to {self.client_address[0]}\n".encode()
+        here = self.request.getsockname()[0]
+        if self.path == "/drip":
+            self.send_response(200); self.end_headers()
+            for i in range(300):
+                self.wfile.write(f"drip {i}\n".encode()); self.wfile.flush(); time.sleep(0.1)
+            return
+        body = f"hello from {here} to {self.client_address[0]}\n".encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body)))
         self.end_headers(); self.wfile.write(body)
     def log_message(self, *a): pass
 socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+socketserver.ThreadingTCPServer.daemon_threads = True
+socketserver.ThreadingTCPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
 """
 
 
@@ -45,8 +55,9 @@ socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), H).serve_foreve
 DNS_SERVER = r"""
 import socket, socketserver, struct, sys
 from dnslib import A, CNAME, QTYPE, RCODE, RR, DNSRecord
-ZONE = {"web.test.": ("A", sys.argv[2]), "www.web.test.": ("CNAME", "web.test."),
-        "private.test.": ("A", sys.argv[3])}
+ZONE = {"web.test.": ("A", "203.0.113.1"), "www.web.test.": ("CNAME", "web.test."),
+        "api.web.test.": ("A", "203.0.113.3"), "other.test.": ("A", "203.0.113.2"),
+        "pypi.org.": ("A", "203.0.113.4"), "private.test.": ("A", "10.99.0.1")}
 def answer(data):
     q = DNSRecord.parse(data); r = q.reply(); name = str(q.q.qname).lower()
     if name not in ZONE:
@@ -86,9 +97,13 @@ class Internet:
     PORT = 8080
     GATEWAY = "198.51.100.1"
     UPLINK_ADDR = "198.51.100.254"
-    PUBLIC = "203.0.113.1"
+    PUBLIC = "203.0.113.1"      # web.test, www.web.test (CNAME)
+    OTHER = "203.0.113.2"       # other.test
+    API = "203.0.113.3"         # api.web.test
+    PYPI = "203.0.113.4"        # pypi.org (in the `defaults` preset)
     PRIVATE = "10.99.0.1"
     METADATA = "169.254.169.254"
+    PUBLICS = (PUBLIC, OTHER, API, PYPI)
 
     def __init__(self) -> None:
         n = os.getpid() % 100000
@@ -115,7 +130,7 @@ class Internet:
         _ip("link", "set", self.uplink, "up")
         _ip("addr", "add", f"{self.GATEWAY}/24", "dev", "inet0", netns=self.netns)
         _ip("link", "set", "inet0", "up", netns=self.netns)
-        for addr in (self.PUBLIC, self.PRIVATE, self.METADATA):
+        for addr in (*self.PUBLICS, self.PRIVATE, self.METADATA):
             _ip("addr", "add", f"{addr}/32", "dev", "lo", netns=self.netns)
         _ip("route", "add", "default", "via", self.UPLINK_ADDR, netns=self.netns)
         for net in ("203.0.113.0/24", "10.99.0.0/16", f"{self.METADATA}/32"):
@@ -132,14 +147,12 @@ class Internet:
 """.encode())
         self.servers.append(subprocess.Popen(
             ["ip", "netns", "exec", self.netns, sys.executable, "-c", DNS_SERVER,
-             self.GATEWAY, self.PUBLIC, self.PRIVATE],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for addr in (self.GATEWAY, self.PUBLIC, self.PRIVATE, self.METADATA):
-            self.servers.append(subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, sys.executable, "-c", HTTP_SERVER, addr,
-                 str(self.PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+             self.GATEWAY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.servers.append(subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, sys.executable, "-c", HTTP_SERVER,
+             str(self.PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 10
-        for addr in (self.GATEWAY, self.PUBLIC, self.PRIVATE, self.METADATA):
+        for addr in (self.GATEWAY, *self.PUBLICS, self.PRIVATE, self.METADATA):
             while subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c",
                                   f"import socket; socket.create_connection(('{addr}', "
                                   f"{self.PORT}), 1)"], capture_output=True).returncode:

@@ -21,6 +21,7 @@ from wisp.cli.common import State, fail, known_error_message
 from wisp.cli.contexts import context
 from wisp.cli.exec import console, exec_
 from wisp.cli.images import image
+from wisp.cli.policy import policy
 from wisp.cli.serve import serve
 from wisp.cli.sprites import create, destroy, fork, list_, restart, show, use
 
@@ -62,7 +63,7 @@ def cli(ctx: click.Context, api: str | None, token: str | None, context: str | N
 
 
 for command in (create, list_, show, use, exec_, console, restart, checkpoint, restore, fork,
-                destroy, context, serve, image):
+                destroy, policy, context, serve, image):
     cli.add_command(command)
 
 

@@ -11,6 +11,8 @@ sprites by their host-side veth names (`w<tag6>*`), so it needs no change per sp
 * forward: a sprite's packets may leave only through the uplink, never to another sprite
   (another veth) nor to a private, link-local, loopback, multicast or reserved range, and
   only with its own source address; nothing may open a connection into a sprite.
+* a sprite with an egress policy has an entry in the `policed` map, which sends its new
+  connections through its own chain: only to its allow set (`wisp.network.egress`).
 * postrouting: masquerade the subnet out of the uplink.
 * IPv6 from a sprite is dropped everywhere: it is off, never a way around these rules.
 
@@ -47,6 +49,7 @@ delete table inet {t}
 table inet {t} {{
     set subnet {{ type ipv4_addr; flags interval; elements = {{ {subnet} }}; }}
     set blocked {{ type ipv4_addr; flags interval; elements = {{ {", ".join(BLOCKED_RANGES)} }}; }}
+    map policed {{ type ipv4_addr : verdict; }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         {sprites} meta l4proto {{ tcp, udp }} th dport 53 redirect to :{dns_port}
@@ -74,6 +77,8 @@ table inet {t} {{
         ip saddr != @subnet counter drop
         oifname != "{uplink}" counter drop
         ip daddr @blocked counter drop
+        ct state established,related accept
+        ip saddr vmap @policed
         accept
     }}
     chain postrouting {{

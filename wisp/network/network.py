@@ -24,6 +24,8 @@ from wisp.errors import BadRequest, SystemError_
 from wisp.network import dial, firewall, links
 from wisp.network.addresses import Pair, SlotPool, parse_subnet
 from wisp.network.dns import Resolver, host_nameservers
+from wisp.network.egress import Egress
+from wisp.network.policy import Policy
 from wisp.system import run
 
 __all__ = ["Network", "NetworkConfig", "Attachment"]
@@ -61,6 +63,7 @@ class Network:
         self._slots: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self.resolver: Resolver | None = None
+        self.egress: Egress | None = None
 
     # -- server start / stop --------------------------------------------------------------
     async def start(self) -> None:
@@ -77,7 +80,8 @@ class Network:
         if not upstream:
             raise SystemError_("no DNS upstream: the host's resolv.conf names no nameserver; "
                                "set network.dns_upstream")
-        self.resolver = Resolver(upstream)
+        self.egress = Egress(self.tag)
+        self.resolver = Resolver(upstream, self.egress)
         await self.resolver.start()
         LOCK.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -90,7 +94,7 @@ class Network:
             await run("nft", "-f", "-", input=text.encode(), timeout=30)
         except BaseException:
             await self.resolver.stop()
-            self.resolver = None
+            self.resolver = self.egress = None
             raise
         finally:
             os.close(fd)
@@ -106,6 +110,7 @@ class Network:
         if self.resolver is not None:
             await self.resolver.stop()
             self.resolver = None
+        self.egress = None
         self._slots.clear()
         self.pool = None
 
@@ -205,8 +210,9 @@ class Network:
                 raise
             if pair is not None:
                 self._slots[sprite_id] = pair.slot
-                if self.resolver is not None:
-                    self.resolver.sprites[str(pair.sprite)] = sprite_id
+                if self.egress is not None:
+                    self.egress.add(str(pair.sprite), sprite_id, pair.slot,
+                                    links.netns_name(self.tag, sprite_id))
             return Attachment(path, pair)
 
     async def detach(self, sprite_id: str) -> None:
@@ -218,6 +224,15 @@ class Network:
                              if lk.sprite_id == sprite_id), None)
             await links.remove(self.tag, sprite_id, slot)
             if slot is not None and self.pool is not None:
+                if self.egress is not None:
+                    self.egress.remove(str(self.pool.pair(slot).sprite))
                 self.pool.release(slot)
-                if self.resolver is not None:
-                    self.resolver.sprites.pop(str(self.pool.pair(slot).sprite), None)
+
+    async def set_policy(self, sprite_id: str, policy: Policy, *, fresh: bool = False
+                         ) -> None:
+        """Enforce `policy` for an attached sprite from now on (see `Egress.set_policy`;
+        without an uplink there is nothing to enforce)."""
+        slot = self._slots.get(sprite_id)
+        if slot is None or self.pool is None or self.egress is None:
+            return
+        await self.egress.set_policy(str(self.pool.pair(slot).sprite), policy, fresh=fresh)

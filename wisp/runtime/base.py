@@ -62,10 +62,12 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
-                    limits: Limits, netns: Path, resolv_conf: str | None = None) -> None:
+                    limits: Limits, netns: Path, resolv_conf: str | None = None,
+                    info_dir: Path | None = None) -> None:
         """Start the sprite's init on `rootfs` in the network namespace at `netns` (made by
         `wisp.network`), with `resolv_conf` as its /etc/resolv.conf if given (else the
-        image's); return once its agent socket accepts."""
+        image's) and `info_dir` (on the sprite's disk, outside its root) readable but not
+        writable at /.sprite; return once its agent socket accepts."""
 
     @abc.abstractmethod
     async def stop(self, sprite_id: str) -> None:

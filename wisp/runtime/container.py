@@ -138,7 +138,8 @@ class ContainerRuntime(Runtime):
         return pid if process_running(pid) else None
 
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
-                    limits: Limits, netns: Path, resolv_conf: str | None = None) -> None:
+                    limits: Limits, netns: Path, resolv_conf: str | None = None,
+                    info_dir: Path | None = None) -> None:
         if self.init_pid(sprite_id) is not None and await self.running(sprite_id):
             return
         await self._delete(sprite_id)  # a dead leftover with the same id blocks `runc run`
@@ -158,7 +159,8 @@ class ContainerRuntime(Runtime):
         spec = make_spec(hostname=hostname, rootfs=rootfs, init_binary=boot / "init",
                          agent_dir=boot / "run", hosts_file=boot / "hosts", netns=netns,
                          cgroup_path=f"/wisp/{sprite_id}", limits=outer,
-                         resolv_conf=boot / "resolv.conf" if resolv_conf is not None else None)
+                         resolv_conf=boot / "resolv.conf" if resolv_conf is not None else None,
+                         info_dir=info_dir)
         (bundle / "config.json").write_text(json.dumps(spec, indent=1))
         log = self.run_dir / sprite_id / "init.log"
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

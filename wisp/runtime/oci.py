@@ -62,7 +62,8 @@ def _seccomp() -> dict[str, Any]:
 
 def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path,
               hosts_file: Path, netns: Path, cgroup_path: str,
-              limits: Limits, resolv_conf: Path | None = None) -> dict[str, Any]:
+              limits: Limits, resolv_conf: Path | None = None,
+              info_dir: Path | None = None) -> dict[str, Any]:
     """The config.json for one sprite; PID 1 is the Wisp init agent."""
     quota_period = 100_000
     spec: dict[str, Any] = {
@@ -104,6 +105,11 @@ def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path
             *([{"destination": "/etc/resolv.conf", "type": "none", "source": str(resolv_conf),
                  "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}]
               if resolv_conf is not None else []),
+            # What Wisp tells the sprite about itself (its egress policy): on its disk, so
+            # checkpoints hold it, and read-only, so the sprite cannot change it.
+            *([{"destination": "/.sprite", "type": "none", "source": str(info_dir),
+                "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}]
+              if info_dir is not None else []),
             {"destination": "/.wisp/init", "type": "none", "source": str(init_binary),
              "options": ["bind", "ro", "nosuid", "nodev"]},
             {"destination": "/.wisp/run", "type": "none", "source": str(agent_dir),
