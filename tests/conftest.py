@@ -113,3 +113,23 @@ def net_client(net_server: WispServer):  # type: ignore[no-untyped-def]
     c = SpritesClient(net_server.token, base_url=net_server.url)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="module")
+def policy_server(leak_check: Path, internet: Internet) -> Iterator[WispServer]:
+    """A server on the fake internet with the Debian image (curl, python3, sudo)."""
+    srv = WispServer(leak_check / "policy", image="debian",
+                     extra_env={"WISP_UPLINK": internet.uplink,
+                                "WISP_DNS_UPSTREAM": internet.GATEWAY})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def policy_client(policy_server: WispServer):  # type: ignore[no-untyped-def]
+    from sprites import SpritesClient
+
+    c = SpritesClient(policy_server.token, base_url=policy_server.url)
+    yield c
+    c.close()

@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["Internet", "sh", "fetch", "address", "gateway", "host_veth"]
+__all__ = ["Internet", "sh", "fetch", "address", "gateway", "host_veth", "curl", "curl_ip",
+           "lookup"]
 
 #: One server for every address of the namespace. GET / names the address it was reached
 #: on and the client's; GET /drip sends a line every 0.1 s for 30 s (a live connection).
@@ -217,3 +218,39 @@ def host_veth(sprite) -> str | None:  # type: ignore[no-untyped-def]
         if (d / "ifindex").read_text().strip() == m.group(1):
             return d.name
     return None
+
+
+# -- probes for the Debian image (curl, python3) --------------------------------------
+#: The rcode of a lookup of argv[1] (any resolver in argv[2], else resolv.conf's), and
+#: with NOERROR its first address (through the C library, as programs resolve).
+DIG = r"""
+import socket, struct, sys
+name = sys.argv[1]
+server = sys.argv[2] if len(sys.argv) > 2 else open("/etc/resolv.conf").read().split()[1]
+q = struct.pack("!6H", 0x1234, 0x0100, 1, 0, 0, 0) + b"".join(
+    bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!2H", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.sendto(q, (server, 53)); rcode = s.recv(4096)[3] & 15
+if rcode:
+    print({3: "NXDOMAIN", 5: "REFUSED", 2: "SERVFAIL"}.get(rcode, rcode))
+else:
+    print(socket.gethostbyname(name))
+"""
+
+
+def curl_ip(sprite, addr: str) -> str:  # type: ignore[no-untyped-def]
+    """GET / of a test host by address: its body, or "FAILED\n"."""
+    out = curl(sprite, f"http://{addr}:{Internet.PORT}/")
+    return "FAILED\n" if out.startswith("exit ") else out
+
+
+def lookup(sprite, name: str, server: str = "") -> str:  # type: ignore[no-untyped-def]
+    """The address `name` resolves to in the sprite, or REFUSED / NXDOMAIN / SERVFAIL."""
+    return sh(sprite, f"python3 -c '{DIG}' {name} {server} 2>&1").strip()
+
+
+def curl(sprite, url: str) -> str:  # type: ignore[no-untyped-def]
+    """The body, or `exit N` (6: name not resolved, 7: refused/reset, 28: timed out)."""
+    out = sh(sprite, f"curl -sS --connect-timeout 2 -m 4 {url} 2>/dev/null; echo \"exit $?\"")
+    body, _, code = out.rpartition("exit ")
+    return body if code.strip() == "0" else f"exit {code.strip()}"

@@ -150,3 +150,26 @@ def test_second_serve_keeps_the_first_as_current(leak_check: Path, tmp_path: Pat
         assert r.returncode == 0 and r.stdout.startswith(b"created sprite hello\nLinux"), r
     finally:
         first.stop()
+
+
+def test_policy_verbs(server: WispServer, cli_sprite: str, tmp_path: Path) -> None:
+    """policy allow / deny edit the rules one name at a time; set takes a file or stdin;
+    get shows them (and --json the contract's body); clear opens egress again."""
+    assert b"egress is open" in wisp(server, "policy", "get", "-s", cli_sprite).stdout
+    r = wisp(server, "policy", "allow", "-s", cli_sprite, "web.test", "*.web.test")
+    assert r.returncode == 0, r.stderr
+    assert wisp(server, "policy", "deny", "-s", cli_sprite, "web.test").returncode == 0
+    got = json.loads(wisp(server, "policy", "get", "-s", cli_sprite, "--json").stdout)
+    assert got == {"rules": [{"domain": "*.web.test", "action": "allow"},
+                             {"domain": "web.test", "action": "deny"}]}
+    text = wisp(server, "policy", "get", "-s", cli_sprite).stdout.decode()
+    assert "deny   web.test" in text and "allow  *.web.test" in text
+    (tmp_path / "p.json").write_text('{"rules": [{"include": "defaults"}]}')
+    assert wisp(server, "policy", "set", "-s", cli_sprite, str(tmp_path / "p.json")
+                ).returncode == 0
+    assert b"include defaults" in wisp(server, "policy", "get", "-s", cli_sprite).stdout
+    r = wisp(server, "policy", "set", "-s", cli_sprite, input=b'[{"domain": "a..b"}]')
+    assert r.returncode == 1 and b"rules[0]" in r.stderr
+    assert wisp(server, "policy", "clear", "-s", cli_sprite).returncode == 0
+    assert json.loads(wisp(server, "policy", "get", "-s", cli_sprite, "--json").stdout) == \
+        {"rules": []}
