@@ -7,8 +7,9 @@
                                                     authoritative DNS on 198.51.100.1:53
                                                     for web.test (203.0.113.1), www.web.test
                                                     (CNAME web.test), other.test (.2),
-                                                    api.web.test (.3), pypi.org (.4) and
-                                                    private.test (10.99.0.1)
+                                                    api.web.test (.3), pypi.org (.4),
+                                                    private.test (10.99.0.1) and any
+                                                    name under u.test (.1)
 
 The host end is the uplink handed to Wisp (`WISP_UPLINK`). 203.0.113.0/24 (a public-style
 test range), 10.99.0.0/16 (private) and 169.254.169.254 (cloud metadata) are routed to the
@@ -61,6 +62,8 @@ ZONE = {"web.test.": ("A", "203.0.113.1"), "www.web.test.": ("CNAME", "web.test.
         "pypi.org.": ("A", "203.0.113.4"), "private.test.": ("A", "10.99.0.1")}
 def answer(data):
     q = DNSRecord.parse(data); r = q.reply(); name = str(q.q.qname).lower()
+    if name.endswith(".u.test.") and q.q.qtype == QTYPE.A:  # any name: lookups never cached
+        r.add_answer(RR(name, QTYPE.A, ttl=60, rdata=A("203.0.113.1"))); return r.pack()
     if name not in ZONE:
         r.header.rcode = RCODE.NXDOMAIN; return r.pack()
     while name in ZONE:

@@ -5,7 +5,9 @@ output throughput over the WebSocket (one stream, four at once),
 checkpoint (idle, after 100 MB and after 1 GB written), restore, fork, delete, and disk
 write throughput inside a sprite versus raw JuiceFS on the same volume. In the same run it
 measures a naive baseline (checkpoint = copy the overlay upper directory, restore = copy it
-back) and reports Wisp's speed-up over it. Asserts nothing: numbers are for comparing runs.
+back) and reports Wisp's speed-up over it. Then the network rows, on a second server
+whose uplink is the tests' fake internet (tests/performance/network.py). Asserts nothing:
+numbers are for comparing runs.
 """
 
 from __future__ import annotations
@@ -324,13 +326,18 @@ def main() -> None:
         speedups = run(bench)
     finally:
         srv.stop()
+    from tests.performance import network
+
+    net_rows, net_lines = network.run(Bench, base, SAMPLES, no_network_create=bench.rows[0][1])
     print(f"\nHost: {host_facts()}\n")
     print("| metric | p50 | p95 | unit |\n|---|---|---|---|")
-    for label, values, unit in bench.rows:
+    for label, values, unit in bench.rows + net_rows:
         print(f"| {label} | {statistics.median(values):.1f} | {pct(values, 0.95):.1f} | {unit} |")
     print(f"\nWisp vs naive copy baseline (p50 ratio, same 1.1 GB sprite): checkpoint "
           f"{speedups['checkpoint_speedup']:.1f}x faster, restore "
           f"{speedups['restore_speedup']:.1f}x faster")
+    for line in net_lines:
+        print(line)
     shutil.rmtree(base, ignore_errors=True)
 
 
