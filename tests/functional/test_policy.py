@@ -9,6 +9,8 @@ it) and is readable, not writable, at /.sprite/policy/network.json.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -155,6 +157,13 @@ def test_restore_rewinds_and_fork_copies_policy(policy_client: SpritesClient,
     finally:
         for name in ("pol-fork", "pol-rs"):
             policy_client.delete_sprite(name)
+    # their allow sets, chains and map entries went with them
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                            check=True).stdout.split()
+    for table in [t for t in tables if t.startswith("wisp_")]:
+        text = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True,
+                              text=True, check=True).stdout
+        assert not re.search(r"(allow|sprite)_\d", text), text
 
 
 @pytest.fixture(scope="module")
