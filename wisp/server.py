@@ -84,6 +84,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.api.app import build_app
     from wisp.api.fs_routes import fs_routes
     from wisp.api.openapi import openapi_routes
+    from wisp.api.ports_routes import ports_routes
     from wisp.api.sprites_routes import sprite_routes
     from wisp.checkpoints import Checkpoints
     from wisp.db import Store
@@ -91,6 +92,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.exec.sessions import SessionRegistry
     from wisp.images import ImageStore
     from wisp.network import Network
+    from wisp.ports import Ports
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -135,7 +137,8 @@ def build(config: Config) -> tuple[Services, Starlette]:
             store.close()
 
     routes = [*sprite_routes(svc), *exec_routes(sprites.handle, sessions),
-              *fs_routes(sprites.handle, storage=volume.require), *openapi_routes()]
+              *fs_routes(sprites.handle, storage=volume.require),
+              *ports_routes(Ports(sprites)), *openapi_routes()]
     app = build_app(routes, token, lifespan)
     return svc, app
 
