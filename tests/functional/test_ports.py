@@ -4,18 +4,23 @@ proxy must not reach is in tests/security/test_ports.py."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
+from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.framework.ports import open_ws, proxy, serve, sh, wait_listening
-from tests.framework.server import WispServer
+from tests.framework.ports import open_ws, proxy, serve, sh, wait_listening, ws_url
+from tests.framework.server import REPO, WispServer
 from tests.functional.test_js_sdk import JS, NODE
 
 MiB = 1 << 20
@@ -44,22 +49,35 @@ def _recv_bytes(ws, until: int | None = None) -> bytes:  # type: ignore[no-untyp
 def test_proxy_carries_100_mb_both_ways_intact(server: WispServer, sprite) -> None:
     """100 MB of random bytes go to an echo server in the sprite while its echo comes back
     on the same socket: both directions at once, byte for byte (sha256), in frames of at
-    most 32 KiB from the server."""
+    most 32 KiB from the server. (An asyncio client: the synchronous websockets client
+    can deadlock on a full-duplex stream, see `wisp.client.Client.open_proxy`.)"""
     serve(sprite, 9000, "cat")
     data = os.urandom(100 * MiB)
-    ws, reply = proxy(server, sprite.name, 9000)
-    with ws:
-        assert reply == {"status": "connected", "target": "127.0.0.1:9000"}
-        sender = threading.Thread(target=_send_all, args=(ws, data))
-        sender.start()
-        got = bytearray()
-        biggest = 0
-        while len(got) < len(data):
-            message = ws.recv(timeout=120)
-            assert isinstance(message, bytes)
-            biggest = max(biggest, len(message))
-            got += message
-        sender.join()
+
+    async def run() -> tuple[dict, bytes, int]:  # type: ignore[type-arg]
+        async with ws_connect(ws_url(server, sprite.name, "proxy"), max_size=None,
+                              additional_headers=server.headers) as ws:
+            await ws.send(json.dumps({"host": "localhost", "port": 9000}))
+            reply = json.loads(await ws.recv())
+
+            async def send() -> None:
+                view = memoryview(data)
+                for i in range(0, len(view), MiB):
+                    await ws.send(bytes(view[i:i + MiB]))
+
+            sender = asyncio.create_task(send())
+            got = bytearray()
+            biggest = 0
+            while len(got) < len(data):
+                message = await asyncio.wait_for(ws.recv(), 120)
+                assert isinstance(message, bytes)
+                biggest = max(biggest, len(message))
+                got += message
+            await sender
+            return reply, bytes(got), biggest
+
+    reply, got, biggest = asyncio.run(run())
+    assert reply == {"status": "connected", "target": "127.0.0.1:9000"}
     assert len(got) == len(data)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
     assert biggest <= 32 * 1024
@@ -198,3 +216,56 @@ def test_js_sdk_watch_ports_and_proxy_port(server: WispServer) -> None:
                        text=True, timeout=300)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     assert r.stdout.splitlines()[-1] == "ok delete"
+
+
+def _echo_through(port: int, data: bytes) -> bytes:
+    """Send `data` to 127.0.0.1:port while reading its echo; the echo."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        sender = threading.Thread(target=conn.sendall, args=(data,))
+        sender.start()
+        got = bytearray()
+        while len(got) < len(data):
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+        sender.join()
+    return bytes(got)
+
+
+def test_wisp_proxy_cli_forwards_100_mb_both_ways(server: WispServer, sprite) -> None:
+    """`wisp proxy NAME 0:9000 9001` listens on 127.0.0.1 (a free port, and 9001 itself),
+    prints each forwarding; 100 MB echoed through it arrive intact; a port nothing
+    listens on drops the local connection and says why; SIGINT stops it with exit 0."""
+    serve(sprite, 9000, "cat")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WISP_")}
+    env.update(WISP_API=server.url, WISP_TOKEN=server.token, PYTHONPATH=str(REPO),
+               XDG_CONFIG_HOME=str(REPO / ".no-config"))
+    proc = subprocess.Popen([sys.executable, "-m", "wisp.cli", "proxy", sprite.name,
+                             "0:9000", "0:127.0.0.1:9001"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        local = [int(line.split()[1].rsplit(":", 1)[1]) for line in lines]
+        assert lines[0] == f"Forwarding 127.0.0.1:{local[0]} -> localhost:9000 in sprite " \
+                           f"{sprite.name}\n"
+        assert lines[1].endswith(f" -> 127.0.0.1:9001 in sprite {sprite.name}\n")
+        data = os.urandom(100 * MiB)
+        got = _echo_through(local[0], data)
+        assert len(got) == len(data)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        with socket.create_connection(("127.0.0.1", local[1]), timeout=30) as conn:
+            try:
+                assert conn.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "127.0.0.1:9001: dial tcp 127.0.0.1:9001: connection refused" in err, err
+        assert "Stopped." in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
