@@ -10,7 +10,6 @@ sending side ends the connection. When the target resets its connection (close c
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 import socket
@@ -23,7 +22,9 @@ import click
 
 from wisp.cli.common import State, fail
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # asyncio too: `wisp --help` must not import it (tests/unit/test_cli.py)
+    import asyncio
+
     from websockets.asyncio.client import ClientConnection
 
     from wisp.client import Client
@@ -77,6 +78,8 @@ async def _connection(client: Client, sprite: str, mapping: Mapping, where: str,
                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """One local connection: a proxy socket to the sprite, bytes both ways until one side
     ends, then the other side ended the same way."""
+    import asyncio
+
     from wisp.client import ClientError
 
     try:
@@ -149,6 +152,8 @@ def _listen(mapping: Mapping) -> socket.socket:
 
 async def _forward(client: Client, sprite: str, mappings: list[Mapping]) -> None:
     """Listen for every mapping, print each, serve until cancelled (Ctrl-C, SIGTERM)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -196,6 +201,8 @@ def proxy(state: State, name: str, mappings: list[Mapping]) -> None:
     (0: any free port); LOCAL:HOST:REMOTE reaches HOST (an IP address) as the sprite sees
     it instead of its localhost. Listens on 127.0.0.1 only; each local connection is its
     own connection in the sprite, which is woken if it is stopped."""
+    import asyncio
+
     client = state.client()
     client.get_sprite(name)  # an unknown sprite fails now, not at the first connection
     try:
