@@ -9,6 +9,7 @@ no caching. Every failure is a `ClientError`:
     ├── ConfigError             no server configured / unknown context / bad client.json
     ├── ConnectError            the server cannot be reached (refused, DNS, timeout)
     ├── ApiError                the server answered >= 400 with the contract error body
+    ├── ProxyError              the port proxy could not reach its target in the sprite
     └── ProtocolError           the server answered something outside the contract
 
 The client configuration is here too, so the server can write, and every client read,
@@ -40,6 +41,7 @@ import httpx
 from wisp import __version__
 
 if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection as AsyncClientConnection
     from websockets.sync.client import ClientConnection
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ApiError",
+    "ProxyError",
     "ProtocolError",
     "Sprite",
     "Checkpoint",
@@ -110,6 +113,11 @@ class ApiError(ClientError):
 
 class ProtocolError(ClientError):
     """The server's answer broke the contract (bad JSON, stream ended early, ...)."""
+
+
+class ProxyError(ClientError):
+    """The port proxy answered `{"status": "error"}`: the target refused, timed out or
+    was not a valid address (the message is the server's)."""
 
 
 # --------------------------------------------------------------------------- wire types
@@ -697,19 +705,71 @@ class Client:
         """Open the exec WebSocket (options as for `exec_url`). The caller owns framing
         and must close the connection. A rejected upgrade raises `ApiError` from the
         error body, like a REST call."""
-        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        return self._connect_ws(self.exec_url(sprite, cmd, **options), "exec")
+
+    def _connect_ws(self, url: str, what: str) -> ClientConnection:
         from websockets.sync.client import connect
 
-        url = self.exec_url(sprite, cmd, **options)
         try:
             return connect(url, additional_headers=self._auth_headers(),
                            user_agent_header=USER_AGENT, open_timeout=self.timeout,
                            max_size=16 << 20, close_timeout=2, legacy=True)
-        except InvalidStatus as exc:
-            raise _api_error(exc.response.status_code, exc.response.body or b"") from exc
-        except InvalidHandshake as exc:
-            raise ProtocolError(f"exec WebSocket handshake failed: {exc}") from exc
-        except TimeoutError as exc:
-            raise ConnectError(f"exec WebSocket to {self.api}: timed out") from exc
-        except OSError as exc:
-            raise ConnectError(f"cannot reach wisp server at {self.api}: {exc}") from exc
+        except Exception as exc:
+            raise self._ws_error(exc, what) from exc
+
+    def _ws_error(self, exc: Exception, what: str) -> Exception:
+        """The `ClientError` for a failed WebSocket handshake (`exc` itself if unexpected)."""
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+        if isinstance(exc, InvalidStatus):
+            return _api_error(exc.response.status_code, exc.response.body or b"")
+        if isinstance(exc, InvalidHandshake):
+            return ProtocolError(f"{what} WebSocket handshake failed: {exc}")
+        if isinstance(exc, TimeoutError):
+            return ConnectError(f"{what} WebSocket to {self.api}: timed out")
+        if isinstance(exc, OSError):
+            return ConnectError(f"cannot reach wisp server at {self.api}: {exc}")
+        return exc
+
+    # -- port proxy (contract §3.5)
+
+    async def open_proxy(self, sprite: str, port: int, host: str = "localhost"
+                         ) -> tuple[AsyncClientConnection, str]:
+        """A TCP connection to `host:port` inside the sprite, over the proxy WebSocket:
+        (the connection, the target the server dialled as "ip:port"). Only binary frames
+        follow, raw bytes both ways; the caller must close it. The server's refusal to
+        dial raises `ProxyError`, a rejected upgrade `ApiError`.
+
+        Asynchronous, unlike the rest of the client: a proxied connection carries bytes
+        both ways at once, and the synchronous websockets client holds one lock while a
+        send blocks that its reader needs, so a full-duplex stream can deadlock there."""
+        import asyncio
+
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed
+
+        base = "ws" + self.api[len("http"):]
+        try:
+            ws = await connect(f"{base}/v1/sprites/{_seg(sprite)}/proxy",
+                               additional_headers=self._auth_headers(),
+                               user_agent_header=USER_AGENT, open_timeout=self.timeout,
+                               max_size=16 << 20, close_timeout=2)
+        except Exception as exc:
+            raise self._ws_error(exc, "proxy") from exc
+        try:
+            await ws.send(json.dumps({"host": host, "port": port}))
+            reply = await asyncio.wait_for(ws.recv(), self.timeout)
+            answer = json.loads(reply) if isinstance(reply, str) else None
+        except (ConnectionClosed, TimeoutError, ValueError) as exc:
+            await ws.close()
+            raise ProtocolError(f"proxy to {host}:{port}: no answer from the server"
+                                ) from exc
+        except BaseException:
+            await ws.close()
+            raise
+        if isinstance(answer, dict) and answer.get("status") == "connected":
+            return ws, str(answer.get("target", f"{host}:{port}"))
+        await ws.close()
+        if isinstance(answer, dict) and answer.get("status") == "error":
+            raise ProxyError(str(answer.get("error") or "the proxy could not connect"))
+        raise ProtocolError(f"proxy to {host}:{port}: unexpected answer {reply!r:.200}")

@@ -87,6 +87,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.api.fs_routes import fs_routes
     from wisp.api.openapi import openapi_routes
     from wisp.api.policy_routes import policy_routes
+    from wisp.api.ports_routes import ports_routes
     from wisp.api.sprites_routes import sprite_routes
     from wisp.checkpoints import Checkpoints
     from wisp.db import Store
@@ -95,6 +96,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.images import ImageStore
     from wisp.network import Network
     from wisp.policies import Policies
+    from wisp.ports import Ports
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -139,8 +141,10 @@ def build(config: Config) -> tuple[Services, Starlette]:
                     log.exception("shutdown step %s failed", step.__qualname__)
             store.close()
 
-    routes = [*sprite_routes(svc), *policy_routes(policies), *exec_routes(sprites.handle, sessions),
-              *fs_routes(sprites.handle, storage=volume.require), *openapi_routes()]
+    routes = [*sprite_routes(svc), *policy_routes(policies),
+              *exec_routes(sprites.handle, sessions),
+              *fs_routes(sprites.handle, storage=volume.require),
+              *ports_routes(Ports(sprites)), *openapi_routes()]
     app = build_app(routes, token, lifespan)
     return svc, app
 

@@ -43,7 +43,7 @@ MAX_EXAMPLES = int(os.environ.get("WISP_FUZZ_EXAMPLES", "40"))
 #: A fixed seed keeps the run reproducible; set `WISP_FUZZ_SEED` to explore other inputs.
 SEED = int(os.environ.get("WISP_FUZZ_SEED", "20261202"))
 #: Operations Schemathesis cannot call: WebSocket-only endpoints (no 2xx but 101).
-WEBSOCKET_ONLY = {"attachExecSession", "controlChannel"}
+WEBSOCKET_ONLY = {"attachExecSession", "controlChannel", "proxyPort", "watchPorts"}
 #: What argv[0] and `path` of a fuzzed exec become: programs that end by themselves.
 SAFE_PROGRAMS = ["echo", "true", "false", "cat", "printenv", "pwd", "no-such-program"]
 #: Longest kill timeout a fuzzed request may ask for (a signal the process ignores would

@@ -407,8 +407,8 @@ def test_exported_members() -> None:
     """The public surfaces other modules rely on are exactly these names."""
     assert wisp.cli.__all__ == ["cli", "main"]
     assert set(wisp.client.__all__) == {
-        "Client", "ClientError", "ConfigError", "ConnectError", "ApiError", "ProtocolError",
-        "Sprite", "Checkpoint", "ProgressEvent", "RestartResult", "Context", "ClientConfig",
+        "Client", "ClientError", "ConfigError", "ConnectError", "ApiError", "ProxyError",
+        "ProtocolError", "Sprite", "Checkpoint", "ProgressEvent", "RestartResult", "Context", "ClientConfig",
         "Endpoint", "LOCAL_CONTEXT", "check_context_name", "check_api_url",
         "client_config_path", "load_client_config", "save_client_config",
         "edit_client_config", "register_server", "resolve_endpoint", "discover_endpoint",
@@ -428,8 +428,8 @@ def test_help_imports_no_heavy_libraries() -> None:
     assert out.stdout.strip() == "[]"
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for verb in ("create", "list", "show", "use", "exec", "console", "restart", "checkpoint",
-                 "restore", "fork", "destroy", "context", "serve", "image"):
+    for verb in ("create", "list", "show", "use", "exec", "console", "proxy", "restart",
+                 "checkpoint", "restore", "fork", "destroy", "context", "serve", "image"):
         assert f"  {verb} " in result.output
 
 

@@ -14,6 +14,8 @@ EXPECTED = {
                     "StorageUnavailable", "SpriteUnresponsive", "SystemError_", "FsError",
                     "FS_STATUS"],
     "wisp.images": ["Image", "ImageStore"],
+    "wisp.ports": ["Ports", "Port", "Target", "Ending", "parse_proc_net", "parse_target",
+                   "pump", "socket_owners", "POLL_INTERVAL", "CHUNK"],
 }
 
 

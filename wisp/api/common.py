@@ -1,20 +1,23 @@
-"""Helpers shared by the route modules: body parsing, query values, NDJSON streams."""
+"""Helpers shared by the route modules: body parsing, query values, NDJSON streams, and
+refusing a WebSocket handshake with the contract's error body."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.websockets import WebSocket
 
 from wisp.errors import BadRequest, PayloadTooLarge, WispError
 
 __all__ = ["json_body", "parse_json_object", "query_int", "query_bool", "ndjson",
-           "MAX_JSON_BYTES"]
+           "MAX_JSON_BYTES", "as_wisp_error", "deny"]
 
 log = logging.getLogger("wisp.api")
 
@@ -129,3 +132,24 @@ async def ndjson(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 
 
 _running: set[asyncio.Task[None]] = set()
+
+
+def as_wisp_error(exc: Exception, where: str) -> WispError:
+    """The reply for a failure before a response started. An unexpected exception is
+    logged with its traceback here and answered with a bare 500: its text may name host
+    paths or internals, so it never reaches the client."""
+    if isinstance(exc, WispError):
+        return exc
+    log.error("unexpected error in %s", where, exc_info=exc)
+    return WispError("internal server error")
+
+
+async def deny(ws: WebSocket, err: WispError) -> None:
+    """Refuse a WebSocket handshake with `err`'s status and body (contract §3.0: the
+    Python and Go SDKs parse it into an API error)."""
+    try:
+        await ws.send_denial_response(JSONResponse(err.body(), status_code=err.status))
+    except RuntimeError:
+        # Server without the denial extension: the best left is a policy-violation close.
+        with contextlib.suppress(Exception):
+            await ws.close(1008)

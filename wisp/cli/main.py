@@ -22,6 +22,7 @@ from wisp.cli.contexts import context
 from wisp.cli.exec import console, exec_
 from wisp.cli.images import image
 from wisp.cli.policy import policy
+from wisp.cli.proxy import proxy
 from wisp.cli.serve import serve
 from wisp.cli.sprites import create, destroy, fork, list_, restart, show, use
 
@@ -62,8 +63,8 @@ def cli(ctx: click.Context, api: str | None, token: str | None, context: str | N
     ctx.obj = State(api, token, context)
 
 
-for command in (create, list_, show, use, exec_, console, restart, checkpoint, restore, fork,
-                destroy, policy, context, serve, image):
+for command in (create, list_, show, use, exec_, console, proxy, restart, checkpoint, restore,
+                fork, destroy, policy, context, serve, image):
     cli.add_command(command)
 
 

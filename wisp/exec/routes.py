@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from wisp.api.common import parse_json_object
+from wisp.api.common import as_wisp_error, deny, parse_json_object
 from wisp.errors import NotFound, PayloadTooLarge, WispError
 from wisp.exec.params import parse_duration, parse_exec_query, parse_signal, signal_name
 from wisp.exec.sessions import Attachment, Session, SessionRegistry
@@ -46,26 +46,14 @@ _background: set[asyncio.Task[None]] = set()
 
 
 def _as_wisp_error(exc: Exception) -> WispError:
-    """The reply for a failure before a response started. An unexpected exception is
-    logged with its traceback here and answered with a bare 500: its text may name host
-    paths or internals, so it never reaches the client."""
-    if isinstance(exc, WispError):
-        return exc
-    log.error("unexpected error in an exec endpoint", exc_info=exc)
-    return WispError("internal server error")
+    return as_wisp_error(exc, "an exec endpoint")
 
 
 def _error_response(err: WispError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-async def _deny(ws: WebSocket, err: WispError) -> None:
-    try:
-        await ws.send_denial_response(_error_response(err))
-    except RuntimeError:
-        # Server without the denial extension: the best left is a policy-violation close.
-        with contextlib.suppress(Exception):
-            await ws.close(1008)
+_deny = deny
 
 
 class WsAttachment(Attachment):
