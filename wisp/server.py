@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the real imports happen in build(), keeping `wisp --help` f
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
+    from wisp.urls import SpriteUrls
 
 __all__ = ["Services", "serve", "build", "ensure_token"]
 
@@ -52,6 +53,7 @@ class Services:
     sprites: Sprites
     checkpoints: Checkpoints
     network: Network
+    urls: SpriteUrls
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -85,6 +87,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.api.fs_routes import fs_routes
     from wisp.api.openapi import openapi_routes
     from wisp.api.sprites_routes import sprite_routes
+    from wisp.api.url_routes import url_routes
     from wisp.checkpoints import Checkpoints
     from wisp.db import Store
     from wisp.exec.routes import exec_routes
@@ -95,6 +98,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
     from wisp.storage.reclaim import Reclaimer
+    from wisp.urls import SpriteUrls, UrlRouter
 
     token = ensure_token(config)
     store = Store(config.state_db)
@@ -107,8 +111,9 @@ def build(config: Config) -> tuple[Services, Starlette]:
     volume.on_lost = sprites.storage_lost
     checkpoints = Checkpoints(sprites)
     reclaimer = Reclaimer(volume, sprites.lock, config.storage.reclaim_interval)
+    urls = SpriteUrls(sprites, token, config.urls)
     svc = Services(config, token, store, volume, images, runtime, sessions, sprites,
-                   checkpoints, network)
+                   checkpoints, network, urls)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -117,13 +122,15 @@ def build(config: Config) -> tuple[Services, Starlette]:
         await volume.start()
         await sprites.recover()
         reclaimer.start()
+        await urls.start()
         log.info("wisp ready on %s", config.listen)
         try:
             yield
         finally:
             # Reverse order; each step runs even if the one before it failed, so the
             # volume is always flushed and unmounted last.
-            for step in (sessions.close_all, sprites.stop_all,
+            for step in (urls.stop,  # its sockets would pin stopped sprites' namespaces
+                         sessions.close_all, sprites.stop_all,
                          sprites.clear_host,  # anything a cancelled start left half made
                          network.stop,
                          reclaimer.stop,  # a last pass for what the stopped sprites freed
@@ -135,8 +142,11 @@ def build(config: Config) -> tuple[Services, Starlette]:
             store.close()
 
     routes = [*sprite_routes(svc), *exec_routes(sprites.handle, sessions),
-              *fs_routes(sprites.handle, storage=volume.require), *openapi_routes()]
+              *fs_routes(sprites.handle, storage=volume.require), *url_routes(urls),
+              *openapi_routes()]
     app = build_app(routes, token, lifespan)
+    # Outermost: URL traffic (by Host) never reaches the API's auth, routes or error bodies
+    app.add_middleware(UrlRouter, proxy=urls.proxy)
     return svc, app
 
 

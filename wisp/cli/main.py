@@ -23,6 +23,7 @@ from wisp.cli.exec import console, exec_
 from wisp.cli.images import image
 from wisp.cli.serve import serve
 from wisp.cli.sprites import create, destroy, fork, list_, restart, show, use
+from wisp.cli.urls import url
 
 __all__ = ["cli", "main"]
 
@@ -62,7 +63,7 @@ def cli(ctx: click.Context, api: str | None, token: str | None, context: str | N
 
 
 for command in (create, list_, show, use, exec_, console, restart, checkpoint, restore, fork,
-                destroy, context, serve, image):
+                url, destroy, context, serve, image):
     cli.add_command(command)
 
 
