@@ -209,6 +209,9 @@ def serve(data_dir: Path | None = None, listen: str | None = None,
 
     http = http_protocol(config.header_timeout, config.keep_alive_timeout,
                          fit_fd_limit(config.max_connections))
+    # proxy_headers off: uvicorn would otherwise take any local client's X-Forwarded-For as
+    # its address, and the URL proxy passes that address on to sprites (docs/urls.md).
     uvicorn.run(app, host=host, port=port, http=http, ws="websockets", log_level="warning",
+                proxy_headers=False,
                 ws_max_size=32 * 1024 * 1024, ws_ping_interval=20, ws_ping_timeout=60,
                 ws_per_message_deflate=False, timeout_graceful_shutdown=10, lifespan="on")
