@@ -133,3 +133,42 @@ def policy_client(policy_server: WispServer):  # type: ignore[no-untyped-def]
     c = SpritesClient(policy_server.token, base_url=policy_server.url)
     yield c
     c.close()
+
+
+# -- sprite URLs: the Debian image (python3 runs the apps), a short wake bound so that the
+# 502 test waits seconds, not the default 10 s (tests/functional/test_urls.py)
+URL_WAKE_TIMEOUT = 6.0
+
+
+@pytest.fixture(scope="session")
+def url_server(leak_check: Path) -> Iterator[WispServer]:
+    srv = WispServer(leak_check / "urls", image="debian",
+                     extra_env={"WISP_URL_WAKE_TIMEOUT": str(URL_WAKE_TIMEOUT)})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def url_client(url_server: WispServer):  # type: ignore[no-untyped-def]
+    """Per test: a test may restart the server, which moves it to another port."""
+    from sprites import SpritesClient
+
+    c = SpritesClient(url_server.token, base_url=url_server.url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def url_sprites(url_client, url_server: WispServer) -> Iterator[Callable[..., object]]:  # type: ignore[no-untyped-def]
+    """A factory of sprites on the URL server, deleted after the test."""
+    made: list[str] = []
+
+    def make(prefix: str = "u", **kw: object):  # type: ignore[no-untyped-def]
+        name = f"{prefix}-{int(time.time() * 1000) % 10**9}-{next(_names)}"
+        made.append(name)
+        return url_client.create_sprite(name, **kw)
+
+    yield make
+    for name in made:
+        url_server.api("DELETE", f"/v1/sprites/{name}")

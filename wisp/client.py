@@ -56,6 +56,7 @@ __all__ = [
     "Checkpoint",
     "ProgressEvent",
     "RestartResult",
+    "UrlLink",
     "Context",
     "ClientConfig",
     "Endpoint",
@@ -171,6 +172,13 @@ class RestartResult(TypedDict, total=False):
     sprite_name: str
     machine_id: str
     message: str
+
+
+class UrlLink(TypedDict, total=False):
+    """Reply of `POST /v1/sprites/{name}/url/link` (Wisp extension, docs/urls.md)."""
+
+    url: str
+    expires_at: str
 
 
 # --------------------------------------------------------------------------- contexts
@@ -646,6 +654,30 @@ class Client:
     def set_network_policy(self, sprite: str, rules: Sequence[Mapping[str, str]]) -> None:
         self._request("POST", f"/v1/sprites/{_seg(sprite)}/policy/network",
                       json={"rules": [dict(r) for r in rules]}, timeout=SLOW_TIMEOUT)
+
+    def update_sprite(self, name: str, *, url_settings: Mapping[str, Any] | None = None,
+                      labels: Sequence[str] | None = None) -> Sprite:
+        """`PUT /v1/sprites/{name}`: only the fields given change (contract §2.5)."""
+        body: dict[str, Any] = {}
+        if url_settings is not None:
+            body["url_settings"] = dict(url_settings)
+        if labels is not None:
+            body["labels"] = list(labels)
+        return cast(Sprite, self._json("PUT", f"/v1/sprites/{_seg(name)}", json=body))
+
+    # -- sprite URLs (Wisp extension, docs/urls.md)
+
+    def url_link(self, name: str, *, port: int | None = None,
+                 path: str | None = None) -> UrlLink:
+        """A one-time link to the sprite's URL that leaves a session cookie in the browser
+        that opens it (short-lived, single use)."""
+        body: dict[str, Any] = {}
+        if port is not None:
+            body["port"] = port
+        if path is not None:
+            body["path"] = path
+        return cast(UrlLink, self._json("POST", f"/v1/sprites/{_seg(name)}/url/link",
+                                        json=body))
 
     # -- checkpoints (contract §2.10)
 

@@ -37,16 +37,21 @@ on connections (docs/security.md, "Limits"):
     subnet = "auto"           # sprite addresses, e.g. "10.213.0.0/16"
     dns_upstream = []         # resolvers asked for sprites; default: the host's resolv.conf
 
+    [urls]
+    domain = "localhost"      # sprite URLs are http://NAME.<domain>:<port>/ (docs/urls.md)
+    wake_timeout = 10.0       # seconds a URL request waits for the sprite's port to answer
+
 Env vars override the file: WISP_DATA_DIR, WISP_LISTEN, WISP_TOKEN, WISP_IMAGES_DIR,
 WISP_IMAGE, WISP_WARM_POOL, WISP_STOP_GRACE, WISP_CHECKPOINT_MAX_BYTES, WISP_HEADER_TIMEOUT,
 WISP_KEEP_ALIVE_TIMEOUT, WISP_MAX_CONNECTIONS, WISP_UPLINK, WISP_SUBNET,
-WISP_DNS_UPSTREAM (comma separated).
+WISP_DNS_UPSTREAM (comma separated), WISP_URL_DOMAIN, WISP_URL_WAKE_TIMEOUT.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +59,8 @@ from typing import Any, Literal
 
 from wisp.errors import BadRequest
 
-__all__ = ["Config", "StorageConfig", "NetworkConfig", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA_DIR"]
+__all__ = ["Config", "StorageConfig", "NetworkConfig", "UrlsConfig", "load_config",
+           "DEFAULT_LISTEN", "DEFAULT_DATA_DIR"]
 
 DEFAULT_LISTEN = "127.0.0.1:7770"
 DEFAULT_DATA_DIR = Path("/var/lib/wisp")
@@ -93,12 +99,24 @@ class NetworkConfig:
 
 
 @dataclass
+class UrlsConfig:
+    #: Sprite URLs are `http://NAME.<domain>:<port>/` (and `PORT--NAME.<domain>` for another
+    #: port). "localhost" needs no DNS: browsers and curl resolve every `*.localhost` to
+    #: the loopback. Any other domain needs a wildcard DNS record pointing at this server.
+    domain: str = "localhost"
+    #: How long a URL request is held while the sprite boots and its port starts to answer;
+    #: after that the client gets a 502 page.
+    wake_timeout: float = 10.0
+
+
+@dataclass
 class Config:
     data_dir: Path = DEFAULT_DATA_DIR
     listen: str = DEFAULT_LISTEN
     token: str | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    urls: UrlsConfig = field(default_factory=UrlsConfig)
     image: str = "debian"
     memory_mb: int = 1024
     cpus: float = 1.0
@@ -202,6 +220,28 @@ def _check_limits(cfg: Config) -> None:
                          "server.max_connections must be greater than 0")
 
 
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _check_urls(urls: UrlsConfig) -> None:
+    """A domain of DNS labels (lowercase, no trailing dot, not an IP address: a sprite's
+    name is put in front of it), and a wake timeout in seconds."""
+    domain = urls.domain
+    labels = domain.split(".") if isinstance(domain, str) else []
+    if not labels or len(domain) > 190 or not all(_LABEL.fullmatch(x) for x in labels) \
+            or labels[-1].isdigit():
+        raise BadRequest(f"config: urls.domain {domain!r} must be a lowercase DNS name such "
+                         "as 'localhost' or 'sprites.example.com'")
+    try:
+        if isinstance(urls.wake_timeout, bool):
+            raise ValueError
+        urls.wake_timeout = float(urls.wake_timeout)
+    except (TypeError, ValueError):
+        raise BadRequest("config: urls.wake_timeout must be a number of seconds") from None
+    if not 0 < urls.wake_timeout < math.inf:
+        raise BadRequest("config: urls.wake_timeout must be greater than 0")
+
+
 def load_config(data_dir: Path | None = None, listen: str | None = None,
                 config_file: Path | None = None) -> Config:
     """Defaults, then the TOML file, then env vars, then explicit arguments (strongest)."""
@@ -217,6 +257,7 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
     sprites = _section(doc, "sprites")
     checkpoints = _section(doc, "checkpoints")
     network = _section(doc, "network")
+    urls = _section(doc, "urls")
     if "data_dir" in server:
         cfg.data_dir = Path(server["data_dir"])
     if "listen" in server:
@@ -251,6 +292,9 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
             setattr(cfg.network, key, network[key])
     if "dns_upstream" in network:
         cfg.network.dns_upstream = _addresses("network.dns_upstream", network["dns_upstream"])
+    for key in ("domain", "wake_timeout"):
+        if key in urls:
+            setattr(cfg.urls, key, urls[key])
 
     env = os.environ
     if env.get("WISP_DATA_DIR"):
@@ -280,6 +324,10 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         if env.get(f"WISP_{key.upper()}"):
             setattr(cfg, key, env[f"WISP_{key.upper()}"])
     _check_limits(cfg)
+    for key in ("domain", "wake_timeout"):
+        if env.get(f"WISP_URL_{key.upper()}"):
+            setattr(cfg.urls, key, env[f"WISP_URL_{key.upper()}"])
+    _check_urls(cfg.urls)
 
     if data_dir is not None:
         cfg.data_dir = Path(data_dir)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the real imports happen in build(), keeping `wisp --help` f
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
+    from wisp.urls import SpriteUrls
 
 __all__ = ["Services", "serve", "build", "ensure_token"]
 
@@ -54,6 +55,7 @@ class Services:
     checkpoints: Checkpoints
     network: Network
     policies: Policies
+    urls: SpriteUrls
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -89,6 +91,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.api.policy_routes import policy_routes
     from wisp.api.ports_routes import ports_routes
     from wisp.api.sprites_routes import sprite_routes
+    from wisp.api.url_routes import url_routes
     from wisp.checkpoints import Checkpoints
     from wisp.db import Store
     from wisp.exec.routes import exec_routes
@@ -101,6 +104,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
     from wisp.storage.reclaim import Reclaimer
+    from wisp.urls import SpriteUrls, UrlRouter
 
     token = ensure_token(config)
     store = Store(config.state_db)
@@ -114,8 +118,9 @@ def build(config: Config) -> tuple[Services, Starlette]:
     checkpoints = Checkpoints(sprites)
     policies = Policies(sprites)
     reclaimer = Reclaimer(volume, sprites.lock, config.storage.reclaim_interval)
+    urls = SpriteUrls(sprites, token, config.urls)
     svc = Services(config, token, store, volume, images, runtime, sessions, sprites,
-                   checkpoints, network, policies)
+                   checkpoints, network, policies, urls)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -124,13 +129,15 @@ def build(config: Config) -> tuple[Services, Starlette]:
         await volume.start()
         await sprites.recover()
         reclaimer.start()
+        await urls.start()
         log.info("wisp ready on %s", config.listen)
         try:
             yield
         finally:
             # Reverse order; each step runs even if the one before it failed, so the
             # volume is always flushed and unmounted last.
-            for step in (sessions.close_all, sprites.stop_all,
+            for step in (urls.stop,  # its sockets would pin stopped sprites' namespaces
+                         sessions.close_all, sprites.stop_all,
                          sprites.clear_host,  # anything a cancelled start left half made
                          network.stop,
                          reclaimer.stop,  # a last pass for what the stopped sprites freed
@@ -144,8 +151,10 @@ def build(config: Config) -> tuple[Services, Starlette]:
     routes = [*sprite_routes(svc), *policy_routes(policies),
               *exec_routes(sprites.handle, sessions),
               *fs_routes(sprites.handle, storage=volume.require),
-              *ports_routes(Ports(sprites)), *openapi_routes()]
+              *ports_routes(Ports(sprites)), *url_routes(urls), *openapi_routes()]
     app = build_app(routes, token, lifespan)
+    # Outermost: URL traffic (by Host) never reaches the API's auth, routes or error bodies
+    app.add_middleware(UrlRouter, proxy=urls.proxy)
     return svc, app
 
 
@@ -208,6 +217,9 @@ def serve(data_dir: Path | None = None, listen: str | None = None,
 
     http = http_protocol(config.header_timeout, config.keep_alive_timeout,
                          fit_fd_limit(config.max_connections))
+    # proxy_headers off: uvicorn would otherwise take any local client's X-Forwarded-For as
+    # its address, and the URL proxy passes that address on to sprites (docs/urls.md).
     uvicorn.run(app, host=host, port=port, http=http, ws="websockets", log_level="warning",
+                proxy_headers=False,
                 ws_max_size=32 * 1024 * 1024, ws_ping_interval=20, ws_ping_timeout=60,
                 ws_per_message_deflate=False, timeout_graceful_shutdown=10, lifespan="on")

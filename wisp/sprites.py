@@ -140,13 +140,12 @@ class Sprites:
         return "running" if live is not None and pid_alive(live.init_pid) else "cold"
 
     def to_json(self, row: SpriteRow) -> dict[str, Any]:
-        host, port = self.config.listen_host_port
         return {
             "id": row.id,
             "name": row.name,
             "organization": self.config.org,
             "status": self.status(row),
-            "url": f"http://{row.name}.localhost:{port}",
+            "url": self.url(row.name),
             "url_settings": {"auth": "sprite", **row.url_settings},
             "labels": list(row.labels),
             "version": ENV_VERSION,
@@ -160,6 +159,14 @@ class Sprites:
             "environment": dict(row.environment),
             "image": f"{row.image}@{row.image_version}",
         }
+
+    def url(self, name: str, port: int | None = None) -> str:
+        """The sprite's URL (docs/urls.md): `http://NAME.<urls domain>:<listen port>`, or
+        with `port` the form that reaches that port in the sprite, `PORT--NAME.…`."""
+        listen = self.config.listen_host_port[1]
+        prefix = f"{port}--" if port is not None else ""
+        suffix = "" if listen == 80 else f":{listen}"
+        return f"http://{prefix}{name}.{self.config.urls.domain}{suffix}"
 
     def counts(self) -> dict[str, int]:
         rows = self.store.sprites()

@@ -2,8 +2,9 @@
 
 Measures p50/p95 over several samples for: create → first exec, exec round trip, exec
 output throughput over the WebSocket (one stream, four at once),
-checkpoint (idle, after 100 MB and after 1 GB written), restore, fork, delete, and disk
-write throughput inside a sprite versus raw JuiceFS on the same volume. In the same run it
+checkpoint (idle, after 100 MB and after 1 GB written), restore, fork, delete, disk
+write throughput inside a sprite versus raw JuiceFS on the same volume, and HTTP through a
+sprite URL versus straight into the sprite. In the same run it
 measures a naive baseline (checkpoint = copy the overlay upper directory, restore = copy it
 back) and reports Wisp's speed-up over it. Then the network rows, on a second server
 whose uplink is the tests' fake internet (tests/performance/network.py). Asserts nothing:
@@ -12,6 +13,7 @@ numbers are for comparing runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -140,6 +142,81 @@ class Bench:
         self.record("exec stream over WebSocket, client defaults, 4 at once (each)", each,
                     "MB/s")
         self.sh(sprite, "rm /tmp/stream")
+
+    def sprite_url(self, requests: int = 1000, seconds: float = 5.0, clients: int = 4) -> None:
+        """HTTP through the sprite URL against the same server reached directly.
+
+        The server is busybox httpd on port 8080 in a fresh sprite, answering a 1 KB file
+        (HTTP/1.0: it closes each connection). Direct: a socket the bench opens inside the
+        sprite's network namespace, as the proxy does, one per request. Through the URL:
+        the same request with `Host: NAME.localhost` and the bearer token to the server,
+        on a keep-alive connection. Both use `http.client`: p50 of `requests` sequential
+        requests, then requests/s of `clients` threads for `seconds`. Their ratio is the
+        row the goal (≥ 0.7 of direct) is about."""
+        import http.client
+        import socket
+        from concurrent.futures import ThreadPoolExecutor
+
+        from wisp.network.dial import in_netns
+        from wisp.network.links import netns_name
+
+        name = self.name("url")
+        self.create(name)
+        self.sh(name, "mkdir -p /tmp/www && head -c 1024 /dev/zero | tr '\\0' x > "
+                      "/tmp/www/f && setsid busybox httpd -p 127.0.0.1:8080 -h /tmp/www "
+                      "</dev/null >/dev/null 2>&1 &")
+        tag = hashlib.sha1(str((self.srv.data_dir / "run" / "sprites").resolve()).encode()
+                           ).hexdigest()[:10]
+        netns = Path("/run/netns") / netns_name(tag, self.sprite_id(name))
+        url_host = f"{name}.localhost:{self.srv.port}"
+
+        def direct() -> http.client.HTTPConnection:
+            sock = in_netns(netns, lambda: socket.create_connection(("127.0.0.1", 8080)))
+            conn = http.client.HTTPConnection("127.0.0.1", 8080)
+            conn.sock = sock
+            return conn
+
+        def fetch(conn: http.client.HTTPConnection, headers: dict[str, str]) -> None:
+            conn.request("GET", "/f", headers=headers)
+            resp = conn.getresponse()
+            if resp.status != 200 or len(resp.read()) != 1024:
+                raise RuntimeError(f"sprite URL bench: status {resp.status}")
+
+        def one_direct(conn: object = None) -> object:
+            c = direct()
+            fetch(c, {"Host": "127.0.0.1:8080"})
+            c.close()
+            return None
+
+        def one_url(conn: http.client.HTTPConnection) -> http.client.HTTPConnection:
+            fetch(conn, {"Host": url_host, **self.srv.headers})
+            return conn
+
+        def url_conn() -> http.client.HTTPConnection:
+            return http.client.HTTPConnection("127.0.0.1", self.srv.port)
+
+        one_url(url_conn())  # wakes nothing (it runs), but warms the server's pool
+        for label, make, one in (("direct into the sprite", lambda: None, one_direct),
+                                 ("through the sprite URL", url_conn, one_url)):
+            conn = make()
+            lat = []
+            for _ in range(requests):
+                t = time.perf_counter()
+                one(conn)
+                lat.append((time.perf_counter() - t) * 1000)
+            self.record(f"HTTP GET 1 KB, {label}, latency", lat)
+
+            def loop(_: int, make=make, one=one) -> int:  # type: ignore[no-untyped-def]
+                c, n, end = make(), 0, time.perf_counter() + seconds
+                while time.perf_counter() < end:
+                    one(c)
+                    n += 1
+                return n
+
+            with ThreadPoolExecutor(clients) as pool:
+                rates = [sum(pool.map(loop, range(clients))) / seconds for _ in range(3)]
+            self.record(f"HTTP GET 1 KB, {label}, {clients} clients", rates, "req/s")
+        self.delete(name)
 
     def disk_space(self, size: int = 1_000_000_000, wait: float = 60.0) -> None:
         """Host disk MB per GB written in a fresh sprite, and per GB deleted there `wait`
@@ -297,6 +374,7 @@ def run(bench: Bench) -> dict[str, float]:
     b.record("naive restore (cp -a back, 1.1 GB)", naive_rs)
     shutil.rmtree(store, ignore_errors=True)
     b.delete(target)
+    b.sprite_url()
     b.disk_space()
     return {
         "checkpoint_speedup": statistics.median(naive_cp) / statistics.median(settled_cp),
