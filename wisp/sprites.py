@@ -472,8 +472,11 @@ class Sprites:
         """A TCP connection to `host:port` inside the sprite (woken first), and the target
         as "ip:port": for the URL and port proxies. Raises `DialError` (the message is fit
         for the client) when nothing answers there."""
-        await self.handle(name)
-        return await self.network.connect(self.row(name).id, host, port)
+        row = self.row(name)
+        live = self._live.get(row.id)
+        if live is None or not pid_alive(live.init_pid):
+            await self.handle(name)
+        return await self.network.connect(row.id, host, port)
 
     async def handle_locked(self, row: SpriteRow) -> SpriteHandle:
         """`handle` for a caller that already holds the sprite's lock."""
