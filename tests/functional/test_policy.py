@@ -36,7 +36,9 @@ def test_allowed_name_reachable_denied_refused_raw_ip_dropped(
     s = policy_client.create_sprite("pol-basic")
     try:
         assert s.get_network_policy().rules == []
-        assert fetch(s, internet.OTHER).startswith("hello")  # open egress before
+        # open egress before: by name and by any public address
+        assert curl(s, f"http://other.test:{PORT}/").startswith(f"hello from {internet.OTHER}")
+        assert fetch(s, internet.API).startswith("hello")
         s.update_network_policy(_policy(("web.test", "allow")))
         assert [(r.domain, r.action) for r in s.get_network_policy().rules] == \
             [("web.test", "allow")]

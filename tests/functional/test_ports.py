@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect as ws_connect
@@ -233,19 +234,24 @@ def _echo_through(port: int, data: bytes) -> bytes:
     return bytes(got)
 
 
-def test_wisp_proxy_cli_forwards_100_mb_both_ways(server: WispServer, sprite) -> None:
+def test_wisp_proxy_cli_forwards_100_mb_both_ways(server: WispServer, sprite,
+                                                  tmp_path: Path) -> None:
     """`wisp proxy NAME 0:9000 9001` listens on 127.0.0.1 (a free port, and 9001 itself),
     prints each forwarding; 100 MB echoed through it arrive intact; a port nothing
     listens on drops the local connection and says why; SIGINT stops it with exit 0."""
     serve(sprite, 9000, "cat")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WISP_")}
     env.update(WISP_API=server.url, WISP_TOKEN=server.token, PYTHONPATH=str(REPO),
-               XDG_CONFIG_HOME=str(REPO / ".no-config"))
-    proc = subprocess.Popen([sys.executable, "-m", "wisp.cli", "proxy", sprite.name,
-                             "0:9000", "0:127.0.0.1:9001"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+               XDG_CONFIG_HOME=str(REPO / ".no-config"), PYTHONFAULTHANDLER="1")
+    # stderr to a file, not a pipe nobody reads while it runs; on a hang SIGABRT makes
+    # faulthandler write every thread's stack there, for the failure message
+    errfile = tmp_path / "proxy.stderr"
+    with open(errfile, "w") as errf:
+        proc = subprocess.Popen([sys.executable, "-m", "wisp.cli", "proxy", sprite.name,
+                                 "0:9000", "0:127.0.0.1:9001"], env=env,
+                                stdout=subprocess.PIPE, stderr=errf, text=True)
     try:
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(2)]
         local = [int(line.split()[1].rsplit(":", 1)[1]) for line in lines]
         assert lines[0] == f"Forwarding 127.0.0.1:{local[0]} -> localhost:9000 in sprite " \
@@ -261,8 +267,16 @@ def test_wisp_proxy_cli_forwards_100_mb_both_ways(server: WispServer, sprite) ->
             except ConnectionResetError:
                 pass
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-        err = proc.stderr.read()
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=10)
+            raise AssertionError("wisp proxy ignored SIGINT for 30 s; its stacks:\n"
+                                 + errfile.read_text()[-8000:]) from None
+        err = errfile.read_text()
+        assert code == 0, err
+        assert len(err) < 4096, err[-4096:]  # a few lines, never a flood of warnings
         assert "127.0.0.1:9001: dial tcp 127.0.0.1:9001: connection refused" in err, err
         assert "Stopped." in err and "Traceback" not in err
     finally:
