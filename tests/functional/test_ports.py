@@ -234,6 +234,10 @@ def _echo_through(port: int, data: bytes) -> bytes:
     return bytes(got)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_wisp_proxy_cli_forwards_100_mb_both_ways(server: WispServer, sprite,
                                                   tmp_path: Path) -> None:
     """`wisp proxy NAME 0:9000 9001` listens on 127.0.0.1 (a free port, and 9001 itself),
@@ -247,9 +251,12 @@ def test_wisp_proxy_cli_forwards_100_mb_both_ways(server: WispServer, sprite,
     # faulthandler write every thread's stack there, for the failure message
     errfile = tmp_path / "proxy.stderr"
     with open(errfile, "w") as errf:
+        # SIGINT as a terminal's Ctrl-C finds it: a runner that started the suite in the
+        # background (`cmd &` in a script) has SIGINT ignored, and a child inherits that
         proc = subprocess.Popen([sys.executable, "-m", "wisp.cli", "proxy", sprite.name,
                                  "0:9000", "0:127.0.0.1:9001"], env=env,
-                                stdout=subprocess.PIPE, stderr=errf, text=True)
+                                stdout=subprocess.PIPE, stderr=errf, text=True,
+                                preexec_fn=_default_sigint)
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(2)]
