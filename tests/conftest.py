@@ -97,42 +97,41 @@ def internet() -> Iterator[Internet]:
     assert leaked == 0, f"{leaked} packets from sprites tried to leave by the real uplink"
 
 
-@pytest.fixture(scope="module")
-def net_server(leak_check: Path, internet: Internet) -> Iterator[WispServer]:
-    srv = WispServer(leak_check / "network", extra_env={"WISP_UPLINK": internet.uplink,
-                                                         "WISP_DNS_UPSTREAM": internet.GATEWAY})
+def _on_internet(data_dir: Path, internet: Internet, image: str) -> Iterator[WispServer]:
+    srv = WispServer(data_dir, image=image, extra_env={"WISP_UPLINK": internet.uplink,
+                                                       "WISP_DNS_UPSTREAM": internet.GATEWAY})
     srv.start()
     yield srv
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def net_client(net_server: WispServer):  # type: ignore[no-untyped-def]
+def _client(srv: WispServer):  # type: ignore[no-untyped-def]
     from sprites import SpritesClient
 
-    c = SpritesClient(net_server.token, base_url=net_server.url)
+    c = SpritesClient(srv.token, base_url=srv.url)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="module")
+def net_server(leak_check: Path, internet: Internet) -> Iterator[WispServer]:
+    yield from _on_internet(leak_check / "network", internet, "busybox")
+
+
+@pytest.fixture(scope="module")
+def net_client(net_server: WispServer):  # type: ignore[no-untyped-def]
+    yield from _client(net_server)
 
 
 @pytest.fixture(scope="module")
 def policy_server(leak_check: Path, internet: Internet) -> Iterator[WispServer]:
     """A server on the fake internet with the Debian image (curl, python3, sudo)."""
-    srv = WispServer(leak_check / "policy", image="debian",
-                     extra_env={"WISP_UPLINK": internet.uplink,
-                                "WISP_DNS_UPSTREAM": internet.GATEWAY})
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from _on_internet(leak_check / "policy", internet, "debian")
 
 
 @pytest.fixture(scope="module")
 def policy_client(policy_server: WispServer):  # type: ignore[no-untyped-def]
-    from sprites import SpritesClient
-
-    c = SpritesClient(policy_server.token, base_url=policy_server.url)
-    yield c
-    c.close()
+    yield from _client(policy_server)
 
 
 # -- sprite URLs: the Debian image (python3 runs the apps), a short wake bound so that the
