@@ -140,6 +140,15 @@ class Sprite(TypedDict, total=False):
     updated_at: str
     last_running_at: str | None
     last_warming_at: str | None
+    lifecycle: dict[str, float]
+
+
+class Task(TypedDict, total=False):
+    """A keep-awake task (Wisp extension, docs/lifecycle.md)."""
+
+    name: str
+    expires_at: str
+    source: str
 
 
 class Checkpoint(TypedDict, total=False):
@@ -642,6 +651,28 @@ class Client:
         resort for a wedged sprite; its exec sessions end)."""
         return cast(RestartResult, self._json("POST", f"/v1/sprites/{_seg(name)}/restart",
                                               timeout=SLOW_TIMEOUT))
+
+    # -- sleep and keep-awake tasks (Wisp extension, docs/lifecycle.md)
+
+    def sleep_sprite(self, name: str, *, cold: bool = False) -> Sprite:
+        """Freeze the sprite now (warm), or stop it (cold); any later call wakes it."""
+        return cast(Sprite, self._json("POST", f"/v1/sprites/{_seg(name)}/sleep",
+                                       json={"state": "cold" if cold else "warm"},
+                                       timeout=SLOW_TIMEOUT))
+
+    def list_tasks(self, name: str) -> list[Task]:
+        data = self._json("GET", f"/v1/sprites/{_seg(name)}/tasks")
+        if not isinstance(data, list):
+            raise ProtocolError("GET tasks: expected an array")
+        return cast(list[Task], data)
+
+    def set_task(self, name: str, task: str, ttl: float | str) -> Task:
+        """Hold the sprite awake for `ttl` (seconds or a duration like '10m', at most 1 h)."""
+        return cast(Task, self._json("PUT", f"/v1/sprites/{_seg(name)}/tasks/{_seg(task)}",
+                                     json={"ttl": ttl}, timeout=SLOW_TIMEOUT))
+
+    def delete_task(self, name: str, task: str) -> None:
+        self._request("DELETE", f"/v1/sprites/{_seg(name)}/tasks/{_seg(task)}")
 
     # -- network policy (contract §2.12, §5.3)
 

@@ -25,6 +25,8 @@ on connections (docs/security.md, "Limits"):
     image = "debian"          # base image for new sprites
     warm_pool = 1             # booted, unnamed sprites kept ready for creates
     stop_grace = 5.0          # seconds between SIGTERM and SIGKILL when the server stops
+    warm_after = 30           # idle seconds before a sprite is frozen (warm); 0: never
+    cold_after = 600          # idle seconds before it is stopped (cold); 0: never
     memory_mb = 1024
     cpus = 1.0
     pids = 2048
@@ -127,6 +129,11 @@ class Config:
     #: When the server stops (or a sprite is upgraded), its processes get SIGTERM and this
     #: long to exit before SIGKILL, as a computer being shut down would give them.
     stop_grace: float = 5.0
+    #: Seconds after a sprite's last activity before it goes warm (frozen in RAM, disk
+    #: synced), and before it goes cold (processes ended, disk unmounted); 0 = never.
+    #: docs/lifecycle.md; a sprite's `lifecycle` field overrides both.
+    warm_after: float = 30.0
+    cold_after: float = 600.0
     checkpoint_max_bytes: int = 100 * GiB
     #: A connection must deliver a complete request head this long after it opens, or
     #: after the first byte of its next request on a keep-alive connection, or it is closed
@@ -283,6 +290,9 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
     for key in ("image", "memory_mb", "cpus", "pids", "warm_pool", "stop_grace"):
         if key in sprites:
             setattr(cfg, key, sprites[key])
+    for key in ("warm_after", "cold_after"):
+        if key in sprites:
+            setattr(cfg, key, idle_seconds(f"sprites.{key}", sprites[key], "config: "))
     if "max_bytes" in checkpoints:
         cfg.checkpoint_max_bytes = int(checkpoints["max_bytes"])
     for key in ("uplink", "subnet"):
@@ -311,6 +321,10 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.warm_pool = int(env["WISP_WARM_POOL"])
     if env.get("WISP_STOP_GRACE"):
         cfg.stop_grace = float(env["WISP_STOP_GRACE"])
+    for key in ("warm_after", "cold_after"):
+        if env.get(f"WISP_{key.upper()}"):
+            setattr(cfg, key, idle_seconds(f"WISP_{key.upper()}",
+                                           _number(env[f"WISP_{key.upper()}"]), "config: "))
     if env.get("WISP_CHECKPOINT_MAX_BYTES"):
         cfg.checkpoint_max_bytes = int(env["WISP_CHECKPOINT_MAX_BYTES"])
     if env.get("WISP_UPLINK"):
@@ -339,3 +353,23 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
     except ValueError:
         raise BadRequest(f"listen address {cfg.listen!r} is not HOST:PORT") from None
     return cfg
+
+
+def _number(text: str) -> object:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+#: The longest idle timer accepted (a year): beyond it, use 0 (never).
+MAX_IDLE_SECONDS = 365 * 24 * 3600.0
+
+
+def idle_seconds(name: str, value: object, prefix: str = "") -> float:
+    """A `warm_after` / `cold_after` value: seconds >= 0 (0 = never), bounded."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0 <= value <= MAX_IDLE_SECONDS):
+        raise BadRequest(f"{prefix}{name} must be a number of seconds from 0 (never) to "
+                         f"{int(MAX_IDLE_SECONDS)}")
+    return float(value)

@@ -126,6 +126,10 @@ class Store:
         sets = ", ".join(f"{k} = :{k}" for k in fields)
         self.db.execute(f"UPDATE sprites SET {sets} WHERE id = :_id", {**fields, "_id": sprite_id})
 
+    def sprite(self, sprite_id: str) -> SpriteRow | None:
+        row = self.db.execute("SELECT * FROM sprites WHERE id = ?", (sprite_id,)).fetchone()
+        return self._sprite(row) if row else None
+
     def sprite_by_name(self, name: str) -> SpriteRow | None:
         row = self.db.execute("SELECT * FROM sprites WHERE name = ?", (name,)).fetchone()
         return self._sprite(row) if row else None

@@ -246,6 +246,11 @@ class Ports:
         a failure is an HTTP reply (404, 503…) rather than a closed socket."""
         await self.sprites.handle(name)
 
+    def hold(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Activity while a proxied connection is open: the sprite does not sleep under
+        it (docs/lifecycle.md)."""
+        return self.sprites.activity.hold(self.sprites.row(name).id)
+
     async def dial(self, name: str, first_message: str | bytes | None
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
         """Parse the proxy's first message and connect to its target inside the sprite.
@@ -260,7 +265,7 @@ class Ports:
         answer) saves looking up the owners of ports that were already open then. Raises
         `SpriteNotFound` once the sprite is gone."""
         row = self.sprites.row(name)
-        if self.sprites.status(row) != "running":
+        if self.sprites.status(row) == "cold":  # warm: frozen, its sockets still there
             return {}
         try:
             tables = await self.sprites.network.proc_net(row.id)

@@ -87,6 +87,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
 
     from wisp.api.app import build_app
     from wisp.api.fs_routes import fs_routes
+    from wisp.api.lifecycle_routes import lifecycle_routes
     from wisp.api.openapi import openapi_routes
     from wisp.api.policy_routes import policy_routes
     from wisp.api.ports_routes import ports_routes
@@ -97,6 +98,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.exec.routes import exec_routes
     from wisp.exec.sessions import SessionRegistry
     from wisp.images import ImageStore
+    from wisp.lifecycle import Sleeper
     from wisp.network import Network
     from wisp.policies import Policies
     from wisp.ports import Ports
@@ -118,6 +120,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     checkpoints = Checkpoints(sprites)
     policies = Policies(sprites)
     reclaimer = Reclaimer(volume, sprites.lock, config.storage.reclaim_interval)
+    sleeper = Sleeper(sprites)
     urls = SpriteUrls(sprites, token, config.urls)
     svc = Services(config, token, store, volume, images, runtime, sessions, sprites,
                    checkpoints, network, policies, urls)
@@ -130,13 +133,15 @@ def build(config: Config) -> tuple[Services, Starlette]:
         await sprites.recover()
         reclaimer.start()
         await urls.start()
+        sleeper.start()
         log.info("wisp ready on %s", config.listen)
         try:
             yield
         finally:
             # Reverse order; each step runs even if the one before it failed, so the
             # volume is always flushed and unmounted last.
-            for step in (urls.stop,  # its sockets would pin stopped sprites' namespaces
+            for step in (sleeper.stop,
+                         urls.stop,  # its sockets would pin stopped sprites' namespaces
                          sessions.close_all, sprites.stop_all,
                          sprites.clear_host,  # anything a cancelled start left half made
                          network.stop,
@@ -148,7 +153,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
                     log.exception("shutdown step %s failed", step.__qualname__)
             store.close()
 
-    routes = [*sprite_routes(svc), *policy_routes(policies),
+    routes = [*sprite_routes(svc), *lifecycle_routes(sprites), *policy_routes(policies),
               *exec_routes(sprites.handle, sessions),
               *fs_routes(sprites.handle, storage=volume.require),
               *ports_routes(Ports(sprites)), *url_routes(urls), *openapi_routes()]

@@ -1,9 +1,12 @@
 """Sprites: the lifecycle of each sprite and the one seam where its actions are legal.
 
-States (the contract's `status`):
+States (the contract's `status`, docs/lifecycle.md):
 
     cold ──start (any exec, fs, checkpoint…)──▶ running
-    running ──stop / server shutdown / storage lost──▶ cold
+    running ──idle `warm_after` / `wisp sleep`──▶ warm (frozen, disk synced)
+    warm ──any call that needs the sprite──▶ running
+    running, warm ──idle `cold_after` / `wisp sleep --cold`──▶ cold
+    running, warm ──server shutdown / storage lost──▶ cold
 
 Records: `creating` ─▶ `ready` ─▶ `deleting` ─▶ (gone). A start after a crash finishes a
 `deleting` sprite and removes a `creating` one, so no half-made sprite survives.
@@ -16,18 +19,21 @@ an exec never see the disk half swapped; exec's fast path on a running sprite ta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import shutil
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wisp.config import Config
+from wisp.config import Config, idle_seconds
 from wisp.db import CheckpointRow, SpriteRow, Store, now
 from wisp.errors import BadRequest, InvalidName, SpriteExists, SpriteNotFound, SystemError_
+from wisp.lifecycle import TASKS_DIR, Activity, Task, read_task_files
 from wisp.network import Network, policy
 from wisp.runtime.base import Limits, SpriteHandle
 from wisp.runtime.container import ContainerRuntime
@@ -60,6 +66,9 @@ def validate_name(name: object) -> str:
 class _Live:
     handle: SpriteHandle
     init_pid: int
+    #: "running"; "warm": every process frozen by the cgroup freezer, the disk synced;
+    #: "stopping": being torn down (`_stop`), shown as running until it is gone.
+    state: str = "running"
 
 
 @dataclass
@@ -91,6 +100,8 @@ class Sprites:
         self._pool_task: asyncio.Task[None] | None = None
         self._warm: list[_Warm] = []
         self._warm_task: asyncio.Task[None] | None = None
+        #: What keeps each sprite awake (docs/lifecycle.md); `wisp.lifecycle.Sleeper` reads it.
+        self.activity = Activity()
         #: ext4 metadata (journal, inode tables) an empty disk already uses; not user data.
         self.empty_disk_bytes = 0
 
@@ -137,7 +148,18 @@ class Sprites:
 
     def status(self, row: SpriteRow) -> str:
         live = self._live.get(row.id)
-        return "running" if live is not None and pid_alive(live.init_pid) else "cold"
+        if live is None:
+            return "cold"
+        if live.state == "stopping":  # until its last mount is gone, it is not cold
+            return "running"
+        return live.state if pid_alive(live.init_pid) else "cold"
+
+    def idle_timers(self, row: SpriteRow) -> tuple[float, float]:
+        """(warm_after, cold_after) in seconds for this sprite, 0 meaning never: its
+        `lifecycle` override, else the server's."""
+        own = row.config.get("lifecycle") or {}
+        return (float(own.get("warm_after", self.config.warm_after)),
+                float(own.get("cold_after", self.config.cold_after)))
 
     def to_json(self, row: SpriteRow) -> dict[str, Any]:
         return {
@@ -158,6 +180,8 @@ class Sprites:
                        "region": "local", "storage_gb": 100},
             "environment": dict(row.environment),
             "image": f"{row.image}@{row.image_version}",
+            "lifecycle": dict(zip(("warm_after", "cold_after"), self.idle_timers(row),
+                                  strict=True)),
         }
 
     def url(self, name: str, port: int | None = None) -> str:
@@ -171,7 +195,8 @@ class Sprites:
     def counts(self) -> dict[str, int]:
         rows = self.store.sprites()
         running = sum(1 for r in rows if self.status(r) == "running")
-        return {"running": running, "warm": 0, "cold": len(rows) - running}
+        warm = sum(1 for r in rows if self.status(r) == "warm")
+        return {"running": running, "warm": warm, "cold": len(rows) - running - warm}
 
     # -- create / delete ------------------------------------------------------------------
     def _base_image(self, name: str | None = None) -> Image:
@@ -184,7 +209,8 @@ class Sprites:
     async def create(self, name: str, labels: list[str] | None = None,
                      url_settings: dict[str, Any] | None = None,
                      environment: dict[str, str] | None = None,
-                     source: tuple[SpriteRow, str | None] | None = None) -> SpriteRow:
+                     source: tuple[SpriteRow, str | None] | None = None,
+                     lifecycle: dict[str, float] | None = None) -> SpriteRow:
         """Make a sprite's record and disk; with `source` (sprite, checkpoint or None for its
         live state) the disk is a clone of that sprite's — a fork."""
         validate_name(name)
@@ -205,7 +231,8 @@ class Sprites:
                         image=image_name, image_version=image_version,
                         labels=list(labels or []), url_settings=dict(url_settings or {}),
                         environment=dict(environment or {}), created_at=stamp,
-                        updated_at=stamp)
+                        updated_at=stamp,
+                        config={"lifecycle": lifecycle} if lifecycle else {})
         try:
             self.store.insert_sprite(row)
         except Exception as exc:  # sqlite3.IntegrityError: a concurrent create won
@@ -260,6 +287,7 @@ class Sprites:
                               agent_socket=self.runtime.agent_socket(row.id),
                               env=tuple(sorted(row.environment.items())))
         self._live[row.id] = _Live(handle, warm.init_pid)
+        self.activity.touch(row.id)
         self.store.update_sprite(row.id, last_running_at=now())
 
     def _discard_warm(self, warm: _Warm) -> None:
@@ -377,6 +405,13 @@ class Sprites:
             return
         disk_dir = self.disk_dir(row.id)
         await disk.sync(disk_dir)
+        if live.state == "warm":  # frozen already, and stays so
+            await disk.freeze(disk_dir)
+            try:
+                await self.volume.clone(self.disk_image(row.id), dst)
+            finally:
+                await disk.thaw(disk_dir)
+            return
         await self.runtime.pause(row.id)
         try:
             await disk.freeze(disk_dir)
@@ -412,8 +447,16 @@ class Sprites:
             fields["labels"] = []
         if "url_settings" in body and body["url_settings"] is not None:
             fields["url_settings"] = check_url_settings(body["url_settings"])
+        if "lifecycle" in body:
+            config = dict(row.config)
+            own = {**config.get("lifecycle", {}), **check_lifecycle(body["lifecycle"])}
+            config["lifecycle"] = {k: v for k, v in own.items() if v is not None}
+            if body["lifecycle"] is None or not config["lifecycle"]:
+                config.pop("lifecycle")
+            fields["config"] = config
         if not fields:
-            raise BadRequest("nothing to update: send labels, clear_labels or url_settings")
+            raise BadRequest("nothing to update: send labels, clear_labels, url_settings "
+                             "or lifecycle")
         fields["updated_at"] = now()
         self.store.update_sprite(row.id, **fields)
         return self.row(name)
@@ -427,7 +470,7 @@ class Sprites:
         async with self.lock(row.id):
             was_running = row.id in self._live
             if was_running:
-                await self.runtime.terminate([row.id], self.config.stop_grace)
+                await self._terminate([row.id])
             await self._stop(row.id)
             self.store.update_sprite(row.id, image_version=newest.version, updated_at=now())
             if was_running:
@@ -444,7 +487,7 @@ class Sprites:
         async with self.lock(row.id):
             row = self.same(row)
             if row.id in self._live:
-                await self.runtime.terminate([row.id], self.config.stop_grace)
+                await self._terminate([row.id])
             await self._stop(row.id, restarting=True)
             await self._start(row)
         return row
@@ -462,7 +505,8 @@ class Sprites:
         """The running sprite, woken first if it is cold (requests wait, never fail)."""
         row = self.row(name)
         live = self._live.get(row.id)
-        if live is not None and pid_alive(live.init_pid):
+        if live is not None and live.state == "running" and pid_alive(live.init_pid):
+            self.activity.touch(row.id)
             return live.handle
         async with self.lock(row.id):
             return await self._start(self.row(name))
@@ -473,10 +517,17 @@ class Sprites:
         as "ip:port": for the URL and port proxies. Raises `DialError` (the message is fit
         for the client) when nothing answers there."""
         row = self.row(name)
-        live = self._live.get(row.id)
-        if live is None or not pid_alive(live.init_pid):
-            await self.handle(name)
+        await self.handle(name)
         return await self.network.connect(row.id, host, port)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, name: str) -> AsyncIterator[SpriteRow]:
+        """Keep the sprite awake while the block runs (a relayed connection): it is woken
+        first, and counts as active until the block ends."""
+        await self.handle(name)
+        row = self.row(name)
+        with self.activity.hold(row.id):
+            yield row
 
     async def handle_locked(self, row: SpriteRow) -> SpriteHandle:
         """`handle` for a caller that already holds the sprite's lock."""
@@ -485,6 +536,11 @@ class Sprites:
     async def _start(self, row: SpriteRow) -> SpriteHandle:
         live = self._live.get(row.id)
         if live is not None and pid_alive(live.init_pid):
+            if live.state == "warm":
+                await self.runtime.resume(row.id)
+                live.state = "running"
+                self.store.update_sprite(row.id, last_running_at=now())
+            self.activity.touch(row.id)
             return live.handle
         self.volume.require()
         if live is not None:  # died behind our back: tear down before starting again
@@ -517,6 +573,7 @@ class Sprites:
                               agent_socket=self.runtime.agent_socket(row.id),
                               env=tuple(sorted(row.environment.items())))
         self._live[row.id] = _Live(handle, pid)
+        self.activity.touch(row.id)
         self.store.update_sprite(row.id, last_running_at=now())
         return handle
 
@@ -540,14 +597,129 @@ class Sprites:
         dropped rather than flushed. `restarting`: a start follows at once; keep what
         survives a restart (the network namespace, its veth and address: making them
         costs ~10 ms)."""
-        live = self._live.pop(sprite_id, None)
-        if live is not None:
-            await self.sessions.close_sprite(live.handle.name)
-        await self.runtime.stop(sprite_id)
-        if not restarting:
-            await self.network.detach(sprite_id)
-        await disk.unmount_disk(self.disk_dir(sprite_id), self.rootfs_dir(sprite_id),
-                                self.disk_image(sprite_id), discard=discard)
+        live = self._live.get(sprite_id)
+        try:
+            if live is not None:
+                live.state = "stopping"
+                await self.sessions.close_sprite(live.handle.name)
+            self.activity.forget(sprite_id)
+            await self.runtime.stop(sprite_id)
+            if not restarting:
+                await self.network.detach(sprite_id)
+            await disk.unmount_disk(self.disk_dir(sprite_id), self.rootfs_dir(sprite_id),
+                                    self.disk_image(sprite_id), discard=discard)
+        finally:
+            if self._live.get(sprite_id) is live:
+                self._live.pop(sprite_id, None)
+
+    # -- sleep and wake (docs/lifecycle.md) -------------------------------------------------
+    async def _terminate(self, sprite_ids: list[str]) -> None:
+        """SIGTERM and the grace period; a warm sprite is thawed first, or its frozen
+        processes could not act on the signal."""
+        for sprite_id in sprite_ids:
+            live = self._live.get(sprite_id)
+            if live is not None and live.state == "warm":
+                await self.runtime.resume(sprite_id)
+                live.state = "running"
+        await self.runtime.terminate(sprite_ids, self.config.stop_grace)
+
+    def sleep_candidates(self) -> list[tuple[str, str]]:
+        """(sprite id, "warm" or "cold") for every live sprite idle past a timer."""
+        out = []
+        for sprite_id, live in list(self._live.items()):
+            row = self.store.sprite(sprite_id)
+            if row is None or row.state != "ready":
+                continue
+            target = self._due(row, live)
+            if target is not None:
+                out.append((sprite_id, target))
+        return out
+
+    def _due(self, row: SpriteRow, live: _Live) -> str | None:
+        """The state the sprite should go to now, judged by its activity (sessions and
+        API tasks included; its task files are read only under the lock)."""
+        if self.sessions.active(row.name) or self.activity.tasks(row.id):
+            self.activity.touch(row.id)
+            return None
+        idle = self.activity.idle_for(row.id)
+        warm_after, cold_after = self.idle_timers(row)
+        if cold_after and idle >= cold_after:
+            return "cold"
+        if live.state == "running" and warm_after and idle >= warm_after:
+            return "warm"
+        return None
+
+    async def sleep_if_idle(self, sprite_id: str, target: str) -> None:
+        """Put the sprite to `target` if, under its lock, it is still idle that long and
+        no task file inside it holds it."""
+        async with self.lock(sprite_id):
+            row = self.store.sprite(sprite_id)
+            live = self._live.get(sprite_id)
+            if row is None or row.state != "ready" or live is None:
+                return
+            if self._due(row, live) != target:
+                return
+            if await asyncio.to_thread(self._task_files, sprite_id):
+                self.activity.touch(sprite_id)
+                return
+            await self._sleep(row, live, target)
+
+    async def sleep(self, name: str, target: str) -> SpriteRow:
+        """`wisp sleep`: put the sprite to `target` ("warm" or "cold") now, whatever its
+        activity (its tasks end with a cold stop). A cold sprite stays cold."""
+        row = self.row(name)
+        async with self.lock(row.id):
+            row = self.same(row)
+            live = self._live.get(row.id)
+            if live is not None and pid_alive(live.init_pid):
+                await self._sleep(row, live, target)
+        return self.row(name)
+
+    async def _sleep(self, row: SpriteRow, live: _Live, target: str) -> None:
+        """Caller holds the lock. Warm: sync, freeze, sync what was dirty at the freeze.
+        Cold: what a server stop does to one sprite (SIGTERM, grace, then every process,
+        mount, loop device and network device of it gone)."""
+        if target == "warm":
+            if live.state == "warm":
+                return
+            disk_dir = self.disk_dir(row.id)
+            await disk.sync(disk_dir)
+            live.state = "warm"
+            try:
+                await self.runtime.pause(row.id)
+                await disk.sync(disk_dir)
+            except BaseException:
+                await asyncio.shield(self.runtime.resume(row.id))
+                live.state = "running"
+                raise
+            stamp = now()
+            self.store.update_sprite(row.id, last_warming_at=stamp, last_running_at=stamp)
+            log.info("sprite %s is warm", row.name)
+            return
+        await self._terminate([row.id])
+        await self._stop(row.id)
+        log.info("sprite %s is cold", row.name)
+
+    def _task_files(self, sprite_id: str) -> list[Task]:
+        root = self.runtime.sprite_path(sprite_id, "/")
+        return read_task_files(root, TASKS_DIR) if root is not None else []
+
+    async def tasks(self, name: str) -> list[Task]:
+        """The sprite's live tasks, from the API and from its task files (a cold sprite
+        has none: a task holds the current run)."""
+        row = self.row(name)
+        files = await asyncio.to_thread(self._task_files, row.id) if self.status(
+            row) != "cold" else []
+        return sorted([*self.activity.tasks(row.id), *files], key=lambda t: t.name)
+
+    async def set_task(self, name: str, task: str, seconds: float) -> Task:
+        """Hold the sprite awake for `seconds` (woken first: a task holds a running one)."""
+        await self.handle(name)
+        row = self.row(name)
+        return self.activity.set_task(row.id, task, seconds)
+
+    def drop_task(self, name: str, task: str) -> None:
+        self.activity.drop_task(self.row(name).id, task)
 
     # -- server start / stop --------------------------------------------------------------
     async def clear_host(self) -> None:
@@ -631,7 +803,7 @@ class Sprites:
         for w in warm:
             await self._purge_unrecorded(w.id)
         # all at once, so that N sprites cost one grace period, not N
-        await self.runtime.terminate(list(self._live), self.config.stop_grace)
+        await self._terminate(list(self._live))
         for sprite_id in list(self._live):
             async with self.lock(sprite_id):
                 await self._stop(sprite_id)
@@ -664,3 +836,16 @@ def check_url_settings(value: object) -> dict[str, Any]:
         raise BadRequest("url_settings.auth must be 'sprite' or 'public'")
     return out
 
+
+def check_lifecycle(value: object) -> dict[str, float | None]:
+    """A sprite's `lifecycle` override: {"warm_after": s, "cold_after": s}, each seconds
+    (0 = never) or null (back to the server's); null as a whole clears both."""
+    if value is None:
+        return {"warm_after": None, "cold_after": None}
+    if not isinstance(value, dict):
+        raise BadRequest("lifecycle must be an object")
+    unknown = set(value) - {"warm_after", "cold_after"}
+    if unknown:
+        raise BadRequest(f"lifecycle: unknown field {sorted(unknown)[0]!r}")
+    return {k: None if v is None else idle_seconds(f"lifecycle.{k}", v)
+            for k, v in value.items()}

@@ -97,7 +97,14 @@ class _PortsApi:
         except Exception:
             writer.close()
             return
-        ending = await pump(reader, writer, receive, ws.send_bytes)
+        try:
+            hold = self.ports.hold(name)
+        except Exception:  # deleted meanwhile
+            writer.close()
+            await _close(ws, 1011, "the sprite is gone")
+            return
+        with hold:
+            ending = await pump(reader, writer, receive, ws.send_bytes)
         if ending == "target_closed":
             await _close(ws, 1000)
         elif ending == "target_reset":

@@ -11,7 +11,7 @@ from starlette.routing import BaseRoute, Route
 
 from wisp.api.common import json_body, ndjson, query_bool, query_int
 from wisp.errors import BadRequest
-from wisp.sprites import check_url_settings
+from wisp.sprites import check_lifecycle, check_url_settings
 
 if TYPE_CHECKING:
     from wisp.server import Services
@@ -61,11 +61,14 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
         if config is not None and not isinstance(config, dict):
             raise BadRequest("config must be an object")
         url_settings = body.get("url_settings")
+        lifecycle = {k: v for k, v in check_lifecycle(body.get("lifecycle")).items()
+                     if v is not None}
         row = await sprites.create(
             body["name"],
             labels=_string_list(body.get("labels"), "labels"),
             url_settings=check_url_settings(url_settings) if url_settings is not None else {},
-            environment=_string_map(body.get("environment"), "environment"))
+            environment=_string_map(body.get("environment"), "environment"),
+            lifecycle=lifecycle)
         out = sprites.to_json(row)
         sprites.prestart(row.name)  # a no-op when the create handed out a warm sprite
         return JSONResponse(out, status_code=201)
@@ -122,7 +125,8 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
         row = await sprites.create(body["name"],
                                    labels=_string_list(body.get("labels"), "labels"),
                                    environment=dict(source.environment),
-                                   source=(source, cp))
+                                   source=(source, cp),
+                                   lifecycle=source.config.get("lifecycle"))
         return JSONResponse(sprites.to_json(row), status_code=201)
 
     async def checkpoint_create(request: Request) -> Response:

@@ -21,6 +21,7 @@ from wisp.cli.common import State, fail, known_error_message
 from wisp.cli.contexts import context
 from wisp.cli.exec import console, exec_
 from wisp.cli.images import image
+from wisp.cli.lifecycle import sleep, tasks
 from wisp.cli.policy import policy
 from wisp.cli.proxy import proxy
 from wisp.cli.serve import serve
@@ -65,7 +66,7 @@ def cli(ctx: click.Context, api: str | None, token: str | None, context: str | N
 
 
 for command in (create, list_, show, use, exec_, console, proxy, restart, checkpoint, restore,
-                fork, url, destroy, policy, context, serve, image):
+                fork, url, destroy, policy, sleep, tasks, context, serve, image):
     cli.add_command(command)
 
 

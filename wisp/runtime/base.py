@@ -92,5 +92,11 @@ class Runtime(abc.ABC):
         """True when the sprite's init is alive (asked of the system, not remembered)."""
 
     @abc.abstractmethod
+    def sprite_path(self, sprite_id: str, path: str) -> Path | None:
+        """Where the host reads `path` (absolute, as the sprite sees it) of a running
+        sprite, or None when it is not running. For small host-side reads of files the
+        sprite writes (its task files); never for writing."""
+
+    @abc.abstractmethod
     async def list_ids(self) -> list[str]:
         """Ids of every sprite this driver has on the host, including crashed leftovers."""

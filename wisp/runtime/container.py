@@ -137,6 +137,13 @@ class ContainerRuntime(Runtime):
             return None
         return pid if process_running(pid) else None
 
+    def sprite_path(self, sprite_id: str, path: str) -> Path | None:
+        # Through the init's root, which shows the sprite's own mounts (its tmpfs). An
+        # absolute link inside would resolve against the host's root: readers open each
+        # component without following links (wisp.lifecycle.read_task_files).
+        pid = self.init_pid(sprite_id)
+        return Path(f"/proc/{pid}/root") / path.lstrip("/") if pid is not None else None
+
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
                     limits: Limits, netns: Path, resolv_conf: str | None = None,
                     info_dir: Path | None = None) -> None:

@@ -110,6 +110,11 @@ def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path
             *([{"destination": "/.sprite", "type": "none", "source": str(info_dir),
                 "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}]
               if info_dir is not None else []),
+            # Keep-awake task files (docs/lifecycle.md): any process may write one; small,
+            # charged to the sprite's memory, and gone with its run as a task should be.
+            {"destination": "/run/sprite/tasks", "type": "tmpfs", "source": "tasks",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=64k",
+                         "nr_inodes=512"]},
             {"destination": "/.wisp/init", "type": "none", "source": str(init_binary),
              "options": ["bind", "ro", "nosuid", "nodev"]},
             {"destination": "/.wisp/run", "type": "none", "source": str(agent_dir),

@@ -255,10 +255,11 @@ class UrlProxy:
                 [(b"www-authenticate", b"Bearer")])
             return
         upstream = self._upstream_headers(scope, target, rest)
-        if scope["type"] == "http":
-            await self._http(scope, receive, send, target, upstream, rest)
-        else:
-            await self._websocket(scope, receive, send, target, upstream, rest)
+        with self.sprites.activity.hold(row.id):  # a relayed request keeps it awake
+            if scope["type"] == "http":
+                await self._http(scope, receive, send, target, upstream, rest)
+            else:
+                await self._websocket(scope, receive, send, target, upstream, rest)
 
     def _row(self, name: str) -> SpriteRow | None:
         try:
