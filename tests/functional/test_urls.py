@@ -211,6 +211,40 @@ def test_cold_sprite_is_woken_and_held(url_server: WispServer, url_sprites) -> N
         client.close()
 
 
+def test_url_wakes_a_warm_and_a_cold_sprite(url_server: WispServer, url_sprites) -> None:
+    """A warm sprite's server answers as soon as the request thaws it; after a cold sleep
+    the relay does not reuse a connection into the stopped sprite: the request boots it
+    and is held until the port answers again (docs/lifecycle.md)."""
+    sprite = url_sprites()
+    name = sprite.name
+    start_http_server(sprite)
+    want = f"hello from {name}\n"
+    assert url_get(url_server, host(url_server, name), "/index.html",
+                   token=url_server.token).text == want
+    r = url_server.api("POST", f"/v1/sprites/{name}/sleep")
+    assert r.json()["status"] == "warm"
+    r = url_get(url_server, host(url_server, name), "/index.html", token=url_server.token)
+    assert (r.status_code, r.text) == (200, want)
+    assert url_server.api("GET", f"/v1/sprites/{name}").json()["status"] == "running"
+    r = url_server.api("POST", f"/v1/sprites/{name}/sleep", json={"state": "cold"})
+    assert r.json()["status"] == "cold"
+    result: dict[str, object] = {}
+
+    def request() -> None:
+        r = url_get(url_server, host(url_server, name), "/index.html", token=url_server.token)
+        result.update(status=r.status_code, text=r.text)
+
+    waiter = threading.Thread(target=request)
+    waiter.start()
+    deadline = time.monotonic() + URL_WAKE_TIMEOUT
+    while url_server.api("GET", f"/v1/sprites/{name}").json()["status"] != "running":
+        assert time.monotonic() < deadline, "the URL request did not wake the sprite"
+        time.sleep(0.05)
+    start_http_server(sprite)
+    waiter.join(60)
+    assert result == {"status": 200, "text": want}
+
+
 def test_nothing_listening_is_a_502_page(url_server: WispServer, url_sprites) -> None:
     """No server on 8080: the request is held for the wake bound, then a short HTML 502
     that says what is missing (no traceback, no host detail)."""

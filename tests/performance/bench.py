@@ -109,6 +109,60 @@ class Bench:
     def upper(self, name: str) -> Path:
         return self.srv.data_dir / "run" / "sprites" / self.sprite_id(name) / "disk" / "upper"
 
+    def sleep(self, name: str, state: str) -> None:
+        r = self.http.post(f"/v1/sprites/{name}/sleep", json={"state": state})
+        r.raise_for_status()
+        if r.json()["status"] != state:
+            raise RuntimeError(f"{name} is {r.json()['status']}, not {state}")
+
+    def wake(self) -> None:
+        """Wake to first exec from warm (thaw) and from cold (mount + boot), docs/lifecycle.md."""
+        n = self.name("wake")
+        self.create(n)
+        self.exec(n, "true")
+        warm, cold = [], []
+        for _ in range(SAMPLES):
+            self.sleep(n, "warm")
+            warm.append(self.timed(lambda: self.exec(n, "true")))
+        self.record("wake from warm → first exec", warm)
+        for _ in range(SAMPLES):
+            self.sleep(n, "cold")
+            cold.append(self.timed(lambda: self.exec(n, "true")))
+        self.record("wake from cold → first exec", cold)
+        self.delete(n)
+
+    def density(self, warm_count: int = 100, cold_count: int = 500) -> None:
+        """Host RAM per idle sprite: `warm_count` frozen ones, then `cold_count` cold ones
+        (MemAvailable before and after, page cache dropped first both times)."""
+        def available() -> float:
+            subprocess.run(["sync"], check=True)
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            time.sleep(1)
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+            raise RuntimeError("no MemAvailable")
+
+        before = available()
+        names = [self.name("dw") for _ in range(warm_count)]
+        for n in names:
+            self.create(n)
+            self.exec(n, "true")
+            self.sleep(n, "warm")
+        warm_mb = (before - available()) / warm_count
+        self.record(f"host RAM per warm idle sprite ({warm_count} warm)", [warm_mb], "MB")
+        for n in names:
+            self.delete(n)
+        before = available()
+        names = [self.name("dc") for _ in range(cold_count)]
+        for n in names:
+            self.create(n)
+            self.sleep(n, "cold")
+        cold_mb = (before - available()) / cold_count
+        self.record(f"host RAM per cold sprite ({cold_count} cold)", [cold_mb], "MB")
+        for n in names:
+            self.delete(n)
+
     def exec_stream(self, sprite: str, size: int = 100_000_000) -> None:
         """Exec stdout over the WebSocket with the `websockets` client's defaults (it offers
         permessage-deflate, as sprites-py does): MB/s of one stream, and of each of four
