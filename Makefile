@@ -61,7 +61,10 @@ check: install
 	$(VENV)/bin/ruff check wisp tests
 	$(VENV)/bin/mypy --strict wisp
 
+# The suite's base images first (tests/framework/images.py), so that no server start
+# has to build one inside its own timeout.
 test: install check
+	$(PY) -m tests.framework.images
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
