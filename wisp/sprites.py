@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wisp import resources
 from wisp.config import Config
 from wisp.db import CheckpointRow, SpriteRow, Store, now
 from wisp.errors import BadRequest, InvalidName, SpriteExists, SpriteNotFound, SystemError_
@@ -154,11 +155,16 @@ class Sprites:
             "updated_at": row.updated_at,
             "last_running_at": row.last_running_at,
             "last_warming_at": row.last_warming_at,
-            "config": {"ram_mb": self.config.memory_mb, "cpus": max(1, int(self.config.cpus)),
-                       "region": "local", "storage_gb": 100},
+            "config": self._config_json(row),
             "environment": dict(row.environment),
             "image": f"{row.image}@{row.image_version}",
         }
+
+    def _config_json(self, row: SpriteRow) -> dict[str, Any]:
+        """The contract's `config`: its limits (docs/resources.md), in whole units."""
+        limits = resources.limits_for(self.config, row.config)
+        return {"ram_mb": limits.memory_mb, "cpus": max(1, int(limits.cpus)),
+                "region": "local", "storage_gb": 100}
 
     def url(self, name: str, port: int | None = None) -> str:
         """The sprite's URL (docs/urls.md): `http://NAME.<urls domain>:<listen port>`, or
@@ -205,7 +211,10 @@ class Sprites:
                         image=image_name, image_version=image_version,
                         labels=list(labels or []), url_settings=dict(url_settings or {}),
                         environment=dict(environment or {}), created_at=stamp,
-                        updated_at=stamp)
+                        updated_at=stamp,
+                        # a fork keeps its source's resources policy (docs/resources.md)
+                        config={k: v for k, v in source[0].config.items()
+                                if k == resources.RECORD_KEY} if source else {})
         try:
             self.store.insert_sprite(row)
         except Exception as exc:  # sqlite3.IntegrityError: a concurrent create won
@@ -503,8 +512,7 @@ class Sprites:
             await self.network.set_policy(row.id, await asyncio.to_thread(policy.load, info),
                                           fresh=True)
             await self.runtime.start(row.id, row.name, rootfs, self.sprites_run / row.id,
-                                     Limits(self.config.memory_mb, self.config.cpus,
-                                            self.config.pids), net.netns,
+                                     resources.limits_for(self.config, row.config), net.netns,
                                      net.resolv_conf, info)
         except BaseException:
             await asyncio.shield(self._stop(row.id))
