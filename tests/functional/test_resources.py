@@ -93,13 +93,13 @@ def _alloc(sdk: SpritesClient, name: str, mb: int) -> int:
     return _run(sdk, name, "dd", "if=/dev/zero", "of=/dev/null", f"bs={mb}M", "count=1")
 
 
-def test_default_is_the_server_config(srv: WispServer, name: str) -> None:
+def test_default_is_the_server_config(srv: WispServer, sdk: SpritesClient, name: str) -> None:
     """A sprite without a policy reports the server's memory_mb and cpus, marked default,
     and its cgroups hold them (with wisp-init's reserve on the sprite's cgroup)."""
     assert _policy(srv, name) == {
         "memory": {"limit_mb": DEFAULT_MB, "autoscale": True, "default": True},
         "cpu": {"limit_cpus": DEFAULT_CPUS, "default": True}}
-    SpritesClient(srv.token, base_url=srv.url).sprite(name).run("true")
+    assert _run(sdk, name, "true") == 0
     assert _cgroup(srv, name) == (DEFAULT_MB, DEFAULT_MB + RESERVE_MB, 100)
     config = srv.api("GET", f"/v1/sprites/{name}").json()["config"]
     assert (config["ram_mb"], config["cpus"]) == (DEFAULT_MB, 1)
