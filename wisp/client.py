@@ -686,6 +686,33 @@ class Client:
         self._request("POST", f"/v1/sprites/{_seg(sprite)}/policy/network",
                       json={"rules": [dict(r) for r in rules]}, timeout=SLOW_TIMEOUT)
 
+    # -- resources policy (contract §2.12, docs/resources.md)
+
+    def _resources(self, method: str, sprite: str, body: Any = None) -> dict[str, Any]:
+        data = self._json(method, f"/v1/sprites/{_seg(sprite)}/policy/resources",
+                          **({"json": body} if body is not None else {}),
+                          timeout=SLOW_TIMEOUT)
+        if not isinstance(data, dict) or not isinstance(data.get("memory"), dict):
+            raise ProtocolError(f"{method} policy/resources: expected an object with 'memory'")
+        return data
+
+    def get_resources(self, sprite: str) -> dict[str, Any]:
+        return self._resources("GET", sprite)
+
+    def set_resources(self, sprite: str, *, memory_mb: int | None = None,
+                      cpus: float | None = None) -> dict[str, Any]:
+        """Change the limits given (the others keep theirs); applied live."""
+        body: dict[str, Any] = {}
+        if memory_mb is not None:
+            body["memory"] = {"limit_mb": memory_mb}
+        if cpus is not None:
+            body["cpu"] = {"limit_cpus": cpus}
+        return self._resources("POST", sprite, body)
+
+    def clear_resources(self, sprite: str) -> dict[str, Any]:
+        """Back to the server's defaults."""
+        return self._resources("DELETE", sprite)
+
     def update_sprite(self, name: str, *, url_settings: Mapping[str, Any] | None = None,
                       labels: Sequence[str] | None = None) -> Sprite:
         """`PUT /v1/sprites/{name}`: only the fields given change (contract §2.5)."""

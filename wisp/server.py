@@ -91,6 +91,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.api.openapi import openapi_routes
     from wisp.api.policy_routes import policy_routes
     from wisp.api.ports_routes import ports_routes
+    from wisp.api.resources_routes import resources_routes
     from wisp.api.sprites_routes import sprite_routes
     from wisp.api.url_routes import url_routes
     from wisp.checkpoints import Checkpoints
@@ -102,6 +103,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.network import Network
     from wisp.policies import Policies
     from wisp.ports import Ports
+    from wisp.resources import Resources
     from wisp.runtime.container import ContainerRuntime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -154,6 +156,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
             store.close()
 
     routes = [*sprite_routes(svc), *lifecycle_routes(sprites), *policy_routes(policies),
+              *resources_routes(Resources(sprites)),
               *exec_routes(sprites.handle, sessions),
               *fs_routes(sprites.handle, storage=volume.require),
               *ports_routes(Ports(sprites)), *url_routes(urls), *openapi_routes()]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wisp import resources
 from wisp.config import Config, idle_seconds
 from wisp.db import CheckpointRow, SpriteRow, Store, now
 from wisp.errors import BadRequest, InvalidName, SpriteExists, SpriteNotFound, SystemError_
@@ -176,13 +177,18 @@ class Sprites:
             "updated_at": row.updated_at,
             "last_running_at": row.last_running_at,
             "last_warming_at": row.last_warming_at,
-            "config": {"ram_mb": self.config.memory_mb, "cpus": max(1, int(self.config.cpus)),
-                       "region": "local", "storage_gb": 100},
+            "config": self._config_json(row),
             "environment": dict(row.environment),
             "image": f"{row.image}@{row.image_version}",
             "lifecycle": dict(zip(("warm_after", "cold_after"), self.idle_timers(row),
                                   strict=True)),
         }
+
+    def _config_json(self, row: SpriteRow) -> dict[str, Any]:
+        """The contract's `config`: its limits (docs/resources.md), in whole units."""
+        limits = resources.limits_for(self.config, row.config)
+        return {"ram_mb": limits.memory_mb, "cpus": max(1, int(limits.cpus)),
+                "region": "local", "storage_gb": 100}
 
     def url(self, name: str, port: int | None = None) -> str:
         """The sprite's URL (docs/urls.md): `http://NAME.<urls domain>:<listen port>`, or
@@ -232,7 +238,7 @@ class Sprites:
                         labels=list(labels or []), url_settings=dict(url_settings or {}),
                         environment=dict(environment or {}), created_at=stamp,
                         updated_at=stamp,
-                        config={"lifecycle": lifecycle} if lifecycle else {})
+                        config=_new_config(lifecycle, source[0] if source else None))
         try:
             self.store.insert_sprite(row)
         except Exception as exc:  # sqlite3.IntegrityError: a concurrent create won
@@ -559,8 +565,7 @@ class Sprites:
             await self.network.set_policy(row.id, await asyncio.to_thread(policy.load, info),
                                           fresh=True)
             await self.runtime.start(row.id, row.name, rootfs, self.sprites_run / row.id,
-                                     Limits(self.config.memory_mb, self.config.cpus,
-                                            self.config.pids), net.netns,
+                                     resources.limits_for(self.config, row.config), net.netns,
                                      net.resolv_conf, info)
         except BaseException:
             await asyncio.shield(self._stop(row.id))
@@ -849,3 +854,15 @@ def check_lifecycle(value: object) -> dict[str, float | None]:
         raise BadRequest(f"lifecycle: unknown field {sorted(unknown)[0]!r}")
     return {k: None if v is None else idle_seconds(f"lifecycle.{k}", v)
             for k, v in value.items()}
+
+
+def _new_config(lifecycle: dict[str, float] | None, source: SpriteRow | None
+                ) -> dict[str, Any]:
+    """A new sprite's `config`: its lifecycle override, and a fork's resources policy from
+    its source (docs/resources.md)."""
+    config: dict[str, Any] = {}
+    if source is not None and resources.RECORD_KEY in source.config:
+        config[resources.RECORD_KEY] = source.config[resources.RECORD_KEY]
+    if lifecycle:
+        config["lifecycle"] = lifecycle
+    return config

@@ -80,6 +80,13 @@ class Runtime(abc.ABC):
         `grace` seconds for them to exit; `stop` then kills whatever is left."""
 
     @abc.abstractmethod
+    async def set_limits(self, sprite_id: str, limits: Limits) -> bool:
+        """Change a running sprite's memory and CPU limits in place (pids stay), without
+        stopping anything; False when the sprite is not running (nothing to change). Raises
+        `Conflict`, with nothing changed, when the kernel cannot bring the sprite's memory
+        under a lower limit."""
+
+    @abc.abstractmethod
     async def pause(self, sprite_id: str) -> None:
         """Freeze every process (cgroup freezer); legal only while running."""
 

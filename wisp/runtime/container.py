@@ -13,6 +13,8 @@ to the tmpfs's size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ import signal
 import time
 from pathlib import Path
 
-from wisp.errors import SystemError_
+from wisp.errors import Conflict, SystemError_
 from wisp.runtime import agent
 from wisp.runtime.base import ROOT_UID_BASE, Limits, Runtime
 from wisp.runtime.oci import make_spec
@@ -39,6 +41,14 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 WORKLOAD = "workload"
 RESERVE_PIDS = 32
 RESERVE_MEMORY_MB = 64
+
+
+def _usage_mb(cgroup: Path) -> int | None:
+    """A v1 memory cgroup's usage in MB, None when unreadable."""
+    try:
+        return int((cgroup / "memory.usage_in_bytes").read_text()) >> 20
+    except (OSError, ValueError):
+        return None
 
 
 def init_binary_path() -> Path:
@@ -209,6 +219,58 @@ class ContainerRuntime(Runtime):
                 (workload / key).write_text(value)
             procs.append(workload / "cgroup.procs")
         return procs
+
+    async def set_limits(self, sprite_id: str, limits: Limits) -> bool:
+        # A write that lowers memory.limit_in_bytes makes the kernel reclaim first, which
+        # can take a while: off the event loop.
+        return await asyncio.to_thread(self._set_limits, sprite_id, limits)
+
+    @staticmethod
+    def _set_limits(sprite_id: str, limits: Limits) -> bool:
+        """cgroup v1: the sprite's cgroup keeps the workload's limit plus the reserve (as
+        `start` made it), the workload cgroup gets the limit, the CPU quota stays on the
+        sprite's cgroup. Writes go in the order that keeps the sprite's cgroup at least the
+        workload's size, and a refused write undoes the one before it."""
+        v1 = CGROUP_ROOT / "memory" / "wisp" / sprite_id
+        if v1.is_dir():
+            memory = [(v1 / "memory.limit_in_bytes",
+                       str((limits.memory_mb + RESERVE_MEMORY_MB) << 20)),
+                      (v1 / WORKLOAD / "memory.limit_in_bytes", str(limits.memory_mb << 20))]
+            cpu_dir = CGROUP_ROOT / "cpu" / "wisp" / sprite_id
+            period = int((cpu_dir / "cpu.cfs_period_us").read_text())
+            cpu = [(cpu_dir / "cpu.cfs_quota_us", str(int(limits.cpus * period)))]
+            current = int(memory[0][0].read_text())
+            if int(memory[0][1]) < current:  # lowering: the workload first
+                memory.reverse()
+        else:  # cgroup v2 (no workload cgroup; untested on the v1 hosts we run on)
+            v2 = CGROUP_ROOT / "wisp" / sprite_id
+            if not v2.is_dir():
+                return False
+            memory = [(v2 / "memory.max", str(limits.memory_mb << 20))]
+            period = int((v2 / "cpu.max").read_text().split()[1])
+            cpu = [(v2 / "cpu.max", f"{int(limits.cpus * period)} {period}")]
+        done: list[tuple[Path, str]] = []
+        try:
+            for path, value in [*memory, *cpu]:
+                before = path.read_text().strip()
+                path.write_text(value)
+                done.append((path, before))
+        except FileNotFoundError:
+            return False  # stopped meanwhile: the next start applies the limits
+        except OSError as exc:
+            for path, before in reversed(done):
+                with contextlib.suppress(OSError):
+                    path.write_text(before)
+            if exc.errno == errno.EBUSY:
+                usage = _usage_mb(v1 / WORKLOAD) if v1.is_dir() else None
+                raise Conflict(
+                    f"the sprite uses {usage if usage is not None else 'more'} MB, more than "
+                    f"the new memory limit of {limits.memory_mb} MB, and the kernel could "
+                    "not reclaim enough; nothing changed. End processes or free tmpfs "
+                    "files in the sprite (or restart it), then set the limit again"
+                ) from None
+            raise SystemError_(f"setting cgroup limit {path} failed: {exc}") from None
+        return True
 
     async def _state(self, sprite_id: str) -> dict[str, object] | None:
         res = await run(*self._runc("state", sprite_id), check=False, timeout=30)
