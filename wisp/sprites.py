@@ -19,13 +19,11 @@ an exec never see the disk half swapped; exec's fast path on a running sprite ta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
 import shutil
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -525,15 +523,6 @@ class Sprites:
         row = self.row(name)
         await self.handle(name)
         return await self.network.connect(row.id, host, port)
-
-    @contextlib.asynccontextmanager
-    async def holding(self, name: str) -> AsyncIterator[SpriteRow]:
-        """Keep the sprite awake while the block runs (a relayed connection): it is woken
-        first, and counts as active until the block ends."""
-        await self.handle(name)
-        row = self.row(name)
-        with self.activity.hold(row.id):
-            yield row
 
     async def handle_locked(self, row: SpriteRow) -> SpriteHandle:
         """`handle` for a caller that already holds the sprite's lock."""
