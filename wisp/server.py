@@ -90,6 +90,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.api.openapi import openapi_routes
     from wisp.api.policy_routes import policy_routes
     from wisp.api.ports_routes import ports_routes
+    from wisp.api.services_routes import services_routes
     from wisp.api.sprites_routes import sprite_routes
     from wisp.api.url_routes import url_routes
     from wisp.checkpoints import Checkpoints
@@ -101,6 +102,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.policies import Policies
     from wisp.ports import Ports
     from wisp.runtime.container import ContainerRuntime
+    from wisp.services import SpriteServices
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
     from wisp.storage.reclaim import Reclaimer
@@ -149,6 +151,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
             store.close()
 
     routes = [*sprite_routes(svc), *policy_routes(policies),
+              *services_routes(SpriteServices(sprites)),
               *exec_routes(sprites.handle, sessions),
               *fs_routes(sprites.handle, storage=volume.require),
               *ports_routes(Ports(sprites)), *url_routes(urls), *openapi_routes()]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wisp import services
 from wisp.config import Config
 from wisp.db import CheckpointRow, SpriteRow, Store, now
 from wisp.errors import BadRequest, InvalidName, SpriteExists, SpriteNotFound, SystemError_
@@ -518,6 +519,7 @@ class Sprites:
                               env=tuple(sorted(row.environment.items())))
         self._live[row.id] = _Live(handle, pid)
         self.store.update_sprite(row.id, last_running_at=now())
+        await services.boot(self.info_dir(row.id), handle)  # in `needs` order; never raises
         return handle
 
     def prestart(self, name: str) -> None:

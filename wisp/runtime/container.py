@@ -153,6 +153,10 @@ class ContainerRuntime(Runtime):
         # WORKLOAD. On a pure cgroup v2 host the sprite's cgroup could not hold the agent
         # beside a child cgroup ("no internal processes"), so there the limits apply to
         # the agent too and a full sprite needs the restart endpoint.
+        if info_dir is not None:  # the source of /.sprite/logs, writable by the sprite's root
+            logs = info_dir / "logs"
+            logs.mkdir(mode=0o755, exist_ok=True)
+            os.chown(logs, ROOT_UID_BASE, ROOT_UID_BASE, follow_symlinks=False)
         reserve = (CGROUP_ROOT / "pids").is_dir()
         outer = Limits(limits.memory_mb + RESERVE_MEMORY_MB, limits.cpus,
                        limits.pids + RESERVE_PIDS) if reserve else limits

@@ -1,0 +1,262 @@
+"""Services through the official SDK and the raw API (contract §2.11, §5.2): supervised by
+the sprite's init, restarted on a crash, started in `needs` order at every boot, logs in
+/.sprite/logs/services."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sprites.exceptions import APIError
+
+from tests.framework.server import WispServer
+
+SLEEPER = ["-c", "echo up; exec sleep 1000"]
+
+
+def sh(sprite, script: str) -> bytes:  # type: ignore[no-untyped-def]
+    return sprite.command("sh", "-c", script).output()
+
+
+def wait_for(what: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll `what` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def events(response) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+def test_create_get_list(sprite) -> None:
+    """PUT streams started, the output and complete (with the log files); the service is
+    listed and got with a running state, and its definition echoes the request."""
+    stream = list(sprite.create_service("web", "sh", SLEEPER, env={"APP": "x"},
+                                        dir="/tmp", duration=1))
+    types = [m.type for m in stream]
+    assert types[0] == "started" and types[-1] == "complete", types
+    assert "up\n" in "".join(m.data or "" for m in stream if m.type == "stdout")
+    assert all(isinstance(m.timestamp, int) and m.timestamp > 1e12 for m in stream)
+    assert stream[-1].log_files["combined"] == "/.sprite/logs/services/web.log"
+    [svc] = sprite.list_services()
+    assert (svc.name, svc.cmd, svc.args, svc.env, svc.dir) == ("web", "sh", SLEEPER,
+                                                              {"APP": "x"}, "/tmp")
+    assert svc.state.status == "running" and svc.state.pid > 1
+    assert svc.state.restart_count == 0 and svc.state.started_at is not None
+    got = sprite.get_service("web")
+    assert got.state.pid == svc.state.pid
+    # it runs as the sprite user, in its dir, with its env, in the workload cgroup
+    pid = svc.state.pid
+    out = sh(sprite, f"cat /proc/{pid}/environ | tr '\\0' '\\n' | grep APP; "
+                     f"readlink /proc/{pid}/cwd; stat -c %u /proc/{pid}; "
+                     f"cat /proc/{pid}/cgroup | grep -c workload")
+    assert out.split() == [b"APP=x", b"/tmp", b"1000", out.split()[-1]]
+    assert int(out.split()[-1]) >= 1
+
+
+def test_crash_restarted_with_backoff(sprite) -> None:
+    """A service that keeps dying is restarted by the sprite's init with a growing
+    restart_count; between runs its state names the next restart."""
+    stream = list(sprite.create_service("crash", "sh", ["-c", "echo boom; exit 3"],
+                                        duration=5))
+    assert stream[0].type == "started"
+    assert stream[-1].type == "exit" and stream[-1].exit_code == 3
+    seen_next = []
+
+    def restarted() -> bool:
+        st = sprite.get_service("crash").state
+        if st.next_restart_at is not None:
+            seen_next.append(st)
+        return st.restart_count >= 3
+
+    wait_for(restarted)
+    assert seen_next and seen_next[0].status == "starting"
+    assert "exited with code 3" in (seen_next[0].error or "")
+    assert sh(sprite, "cat /.sprite/logs/services/crash.log").count(b"boom") >= 3
+
+
+def test_stop_start_signal_delete(sprite, server: WispServer) -> None:
+    """stop → stopped and 409 for a second stop or a signal; start → running; a TERM
+    signal counts as a crash (restarted, restart_count 1); delete → 204 and 404 after,
+    with the log file kept."""
+    list(sprite.create_service("svc", "sh", SLEEPER, duration=0.2))
+    pid0 = sprite.get_service("svc").state.pid
+    stopped = list(sprite.stop_service("svc", timeout=5))
+    assert [m.type for m in stopped] == ["stopping", "stopped", "complete"]
+    assert stopped[1].exit_code == 128 + 15
+    assert sprite.get_service("svc").state.status == "stopped"
+    assert sh(sprite, f"test -e /proc/{pid0} && echo alive || echo gone") == b"gone\n"
+    with pytest.raises(APIError) as e:
+        sprite.stop_service("svc")
+    assert e.value.status_code == 409
+    base = f"/v1/sprites/{sprite.name}/services"
+    r = server.api("POST", base + "/signal", json={"name": "svc", "signal": "TERM"})
+    assert r.status_code == 409 and r.json()["error"] == "service_not_running"
+
+    started = list(sprite.start_service("svc", duration=0.3))
+    assert started[0].type == "started" and started[-1].type == "complete"
+    pid1 = sprite.get_service("svc").state.pid
+    assert pid1 != pid0
+    sprite.signal_service("svc", "SIGTERM")
+    wait_for(lambda: sprite.get_service("svc").state.pid not in (None, pid1))
+    st = sprite.get_service("svc").state
+    assert st.status == "running" and st.restart_count == 1
+
+    r = server.api("POST", base + "/signal", json={"name": "svc", "signal": "SIGNOPE"},
+                   validate_request=False)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    r = server.api("POST", base + "/signal", json={"name": "ghost", "signal": "TERM"})
+    assert r.status_code == 404 and r.json()["error"] == "service_not_found"
+
+    assert server.api("DELETE", f"{base}/svc").status_code == 204
+    assert server.api("GET", f"{base}/svc").status_code == 404
+    assert server.api("DELETE", f"{base}/svc").status_code == 404
+    assert sprite.list_services() == []
+    assert b"up" in sh(sprite, "cat /.sprite/logs/services/svc.log")
+
+
+def test_needs_order_at_boot_and_restore(sprite, server: WispServer) -> None:
+    """At every boot (restart, restore) services start in `needs` order (forked in that
+    order: increasing pids), an explicitly stopped one stays stopped, and a restore rewinds
+    the definitions with the disk."""
+    list(sprite.create_service("app", "sh", SLEEPER, needs=["db"], duration=0))
+    list(sprite.create_service("db", "sh", SLEEPER, needs=["cache"], duration=0))
+    list(sprite.create_service("cache", "sh", SLEEPER, duration=0))
+    list(sprite.create_service("idle", "sh", SLEEPER, duration=0))
+    list(sprite.stop_service("idle"))
+
+    def pids() -> list[int]:
+        by = {s.name: s.state for s in sprite.list_services()}
+        assert by["idle"].status == "stopped"
+        return [by[n].pid for n in ("cache", "db", "app")]
+
+    r = server.api("POST", f"/v1/sprites/{sprite.name}/restart")
+    assert r.status_code == 200
+    after_restart = pids()
+    assert after_restart == sorted(after_restart), after_restart
+
+    list(sprite.create_checkpoint("services"))
+    assert server.api("DELETE", f"/v1/sprites/{sprite.name}/services/app").status_code == 204
+    list(sprite.create_service("extra", "sh", SLEEPER, duration=0))
+    list(sprite.restore_checkpoint("v1"))
+    names = sorted(s.name for s in sprite.list_services())
+    assert names == ["app", "cache", "db", "idle"]
+    after_restore = pids()
+    assert after_restore == sorted(after_restore), after_restore
+    assert b"extra" not in sh(sprite, "ps")
+
+
+def test_fork_copies_definitions(sprite, client, server: WispServer) -> None:
+    """A fork has its source's services and starts them at its first boot."""
+    list(sprite.create_service("web", "sh", SLEEPER, duration=0))
+    name = sprite.name + "-f"
+    r = server.api("POST", f"/v1/sprites/{sprite.name}/fork", json={"name": name})
+    assert r.status_code in (200, 201), r.text
+    try:
+        child = client.get_sprite(name)
+        [svc] = child.list_services()
+        assert svc.name == "web" and svc.state.status == "running"
+    finally:
+        server.api("DELETE", f"/v1/sprites/{name}")
+
+
+def test_logs_in_sprite_and_rotation(sprite) -> None:
+    """stdout and stderr go to NAME.log (both) and NAME.stdout.log / NAME.stderr.log inside
+    the sprite; past 1 MiB a file is rotated to FILE.1; the sprite user cannot write there,
+    and /.sprite itself stays read-only."""
+    script = "echo out; echo err >&2; head -c 1500000 /dev/zero | tr '\\0' a; exec sleep 1000"
+    list(sprite.create_service("noisy", "sh", ["-c", script], duration=0))
+    d = "/.sprite/logs/services"
+
+    def rotated() -> bool:
+        return sh(sprite, f"test -e {d}/noisy.log.1 && echo y || echo n") == b"y\n"
+
+    wait_for(rotated)
+    assert b"err" in sh(sprite, f"cat {d}/noisy.stderr.log")
+    assert b"out" in sh(sprite, f"cat {d}/noisy.stdout.log {d}/noisy.stdout.log.1")
+    sizes = sh(sprite, f"stat -c %s {d}/noisy.log {d}/noisy.log.1").split()
+    assert all(int(s) <= 1 << 20 for s in sizes), sizes
+    denied = sh(sprite, f"touch {d}/x 2>&1; touch /.sprite/x 2>&1; "
+                        "touch /.sprite/logs/x 2>&1; echo done")
+    assert denied.count(b"denied") + denied.count(b"Read-only") == 3, denied
+
+
+def test_http_port_conflict(sprite, server: WispServer) -> None:
+    """Only one service may own http_port: 409 with the documented message; the owner may
+    change its own port."""
+    list(sprite.create_service("a", "sh", SLEEPER, http_port=8000, duration=0))
+    base = f"/v1/sprites/{sprite.name}/services"
+    r = server.api("PUT", f"{base}/b", json={"cmd": "sh", "args": SLEEPER, "http_port": 8001})
+    assert r.status_code == 409
+    assert r.json() == {"error": "conflict",
+                        "message": "another service already has an HTTP port configured"}
+    r = server.api("PUT", f"{base}/a?duration=0", json={"cmd": "sh", "args": SLEEPER,
+                                                        "http_port": 8002})
+    assert r.status_code == 200
+    assert sprite.get_service("a").http_port == 8002
+
+
+@pytest.mark.parametrize("path,body,query", [
+    ("bad.name", {"cmd": "sh"}, ""),
+    (" lead", {"cmd": "sh"}, ""),
+    ("ok", {}, ""),
+    ("ok", {"cmd": ""}, ""),
+    ("ok", {"cmd": "sh", "args": "x"}, ""),
+    ("ok", {"cmd": "sh", "needs": [1]}, ""),
+    ("ok", {"cmd": "sh", "http_port": "80"}, ""),
+    ("ok", {"cmd": "sh", "http_port": 70000}, ""),
+    ("ok", {"cmd": "sh", "env": {"A": 1}}, ""),
+    ("ok", {"cmd": "sh", "env": {"A=B": "1"}}, ""),
+    ("ok", {"cmd": "sh", "dir": 5}, ""),
+    ("ok", {"cmd": "sh\u0000"}, ""),
+    ("ok", {"cmd": "sh", "needs": ["ok"]}, ""),
+    ("ok", {"cmd": "sh"}, "?duration=abc"),
+    ("ok", {"cmd": "sh"}, "?duration=-1s"),
+    ("ok", [1, 2], ""),
+])
+def test_bad_input_is_400(sprite, server: WispServer, path: str, body: object,
+                          query: str) -> None:
+    """Every malformed PUT is a 400 with the contract's error body, never a 500."""
+    r = server.api("PUT", f"/v1/sprites/{sprite.name}/services/{path}{query}", json=body,
+                   validate_request=False)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "bad_request" and r.json()["message"]
+
+
+def test_unknown_is_404(sprite, server: WispServer) -> None:
+    """Unknown service (every endpoint) or sprite: 404 with its code."""
+    base = f"/v1/sprites/{sprite.name}/services/nope"
+    for method, path in [("GET", ""), ("DELETE", ""), ("POST", "/start"), ("POST", "/stop"),
+                         ("POST", "/restart"), ("GET", "/logs")]:
+        r = server.api(method, base + path)
+        assert r.status_code == 404 and r.json()["error"] == "service_not_found", (method, path)
+    r = server.api("GET", "/v1/sprites/no-such-sprite/services")
+    assert r.status_code == 404 and r.json()["error"] == "sprite_not_found"
+
+
+def test_durations_and_raw_events(sprite, server: WispServer) -> None:
+    """Go and JS duration spellings and bare numbers are accepted; every event line has an
+    integer millisecond timestamp; logs replay the last lines."""
+    base = f"/v1/sprites/{sprite.name}/services"
+    body = {"cmd": "sh", "args": ["-c", "for i in 1 2 3; do echo line$i; done; exec sleep 1000"]}
+    for d in ("500ms", "1.5s", "0", "0.2"):
+        r = server.api("PUT", f"{base}/ev?duration={d}", json=body)
+        assert r.status_code == 200, (d, r.text)
+        evs = events(r)
+        assert evs[0]["type"] == "started" and evs[-1]["type"] == "complete"
+        assert all(isinstance(e["timestamp"], int) for e in evs)
+    r = server.api("GET", f"{base}/ev/logs?lines=2")
+    evs = events(r)
+    assert [e["data"] for e in evs if e["type"] == "stdout"] == ["line2\n", "line3\n"]
+    assert evs[-1]["type"] == "complete"
+    r = server.api("POST", f"{base}/ev/stop?timeout=1m30s")
+    assert [e["type"] for e in events(r)] == ["stopping", "stopped", "complete"]
