@@ -260,3 +260,43 @@ def test_durations_and_raw_events(sprite, server: WispServer) -> None:
     assert evs[-1]["type"] == "complete"
     r = server.api("POST", f"{base}/ev/stop?timeout=1m30s")
     assert [e["type"] for e in events(r)] == ["stopping", "stopped", "complete"]
+
+
+def test_cli(sprite, server: WispServer) -> None:
+    """`wisp services create|list|logs|stop|start|delete` through the real CLI process."""
+    from tests.functional.test_cli import wisp
+
+    s = ("-s", sprite.name)
+    r = wisp(server, "services", "create", *s, "--duration", "0.5", "--env", "WHO=cli",
+             "web", "--", "sh", "-c", "echo hi $WHO; exec sleep 1000")
+    assert r.returncode == 0, r.stderr
+    assert b"hi cli" in r.stdout and b"started" in r.stderr
+    listed = json.loads(wisp(server, "services", "list", *s, "--json").stdout)
+    assert [x["name"] for x in listed] == ["web"] and listed[0]["state"]["status"] == "running"
+    assert b"running" in wisp(server, "services", "list", *s).stdout
+    r = wisp(server, "services", "logs", *s, "web")
+    assert r.returncode == 0 and r.stdout == b"hi cli\n"
+    r = wisp(server, "services", "stop", *s, "web")
+    assert r.returncode == 0 and b"stopped" in r.stderr
+    r = wisp(server, "services", "stop", *s, "web")
+    assert r.returncode == 1 and b"not running" in r.stderr
+    assert wisp(server, "services", "start", *s, "--duration", "0", "web").returncode == 0
+    assert wisp(server, "services", "delete", *s, "web").returncode == 0
+    assert json.loads(wisp(server, "services", "list", *s, "--json").stdout) == []
+
+
+def test_js_sdk_restart_and_logs(server: WispServer) -> None:
+    """The JS SDK's calls only it has: restartService (stop then start events, a new pid)
+    and getServiceLogs (buffered lines, then complete) — tests/js/services.mjs."""
+    import os
+    import subprocess
+
+    from tests.functional.test_js_sdk import JS, NODE
+
+    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
+        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
+    env = dict(os.environ, WISP_API=server.url, WISP_TOKEN=server.token)
+    r = subprocess.run([str(NODE), "services.mjs"], cwd=JS, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert r.stdout.splitlines()[-1] == "ok delete"

@@ -24,6 +24,7 @@ from wisp.cli.images import image
 from wisp.cli.policy import policy
 from wisp.cli.proxy import proxy
 from wisp.cli.serve import serve
+from wisp.cli.services import services
 from wisp.cli.sprites import create, destroy, fork, list_, restart, show, use
 from wisp.cli.urls import url
 
@@ -65,7 +66,7 @@ def cli(ctx: click.Context, api: str | None, token: str | None, context: str | N
 
 
 for command in (create, list_, show, use, exec_, console, proxy, restart, checkpoint, restore,
-                fork, url, destroy, policy, context, serve, image):
+                fork, url, destroy, policy, services, context, serve, image):
     cli.add_command(command)
 
 
