@@ -402,8 +402,10 @@ class SpriteServices:
             defs[svc] = new
             offsets = await asyncio.to_thread(_Tail.sizes, info, svc)
             await asyncio.to_thread(save, info, defs)
+            old = (await self._status(handle)).get(svc)
             await _define(handle, new, start=True)
-        return self._follow_start(info, handle, svc, offsets, duration)
+        return self._follow_start(info, handle, svc, offsets, duration,
+                                  replacing=old.pid if old is not None else 0)
 
     async def delete(self, name: str, svc: str) -> None:
         """Stop it (SIGTERM, SIGKILL after the stop timeout) and drop its definition; its
@@ -438,8 +440,11 @@ class SpriteServices:
                     duration: float) -> AsyncIterator[dict[str, Any]]:
         info, handle, d = await self._mark(name, svc, stopped=False)
         offsets = await asyncio.to_thread(_Tail.sizes, info, svc)
+        old = (await self._status(handle)).get(svc)
         await self._agent_start(handle, d)
-        return self._follow_start(info, handle, svc, offsets, duration)
+        # one still stopping is started again once it is gone; one running is left alone
+        replacing = old.pid if old is not None and old.status == "stopping" else 0
+        return self._follow_start(info, handle, svc, offsets, duration, replacing=replacing)
 
     async def _agent_start(self, handle: SpriteHandle, d: ServiceDef) -> None:
         try:
@@ -517,15 +522,22 @@ class SpriteServices:
 
     # -- event streams -------------------------------------------------------------------
     async def _follow_start(self, info: Path, handle: SpriteHandle, svc: str,
-                            offsets: dict[str, int],
-                            duration: float) -> AsyncIterator[dict[str, Any]]:
+                            offsets: dict[str, int], duration: float, *,
+                            replacing: int = 0) -> AsyncIterator[dict[str, Any]]:
         """`started`, its output, then `complete` after `duration` or `exit` if the process
-        ends first (the agent restarts it; that is not followed)."""
+        ends first (the agent restarts it; that is not followed). `replacing`: the pid of
+        a process the agent is stopping first; its end is not this start's `exit`."""
         tail = _Tail(info, svc, offsets)
         loop = asyncio.get_running_loop()
-        end = loop.time() + duration
         try:
             first = (await self._status(handle)).get(svc)
+            give_up = loop.time() + DEFAULT_STOP_TIMEOUT + 5.0
+            while replacing and first is not None and first.pid == replacing:
+                if loop.time() >= give_up:
+                    raise SpriteUnresponsive(f"service '{svc}' did not stop for its restart")
+                await asyncio.sleep(POLL)
+                first = (await self._status(handle)).get(svc)
+            end = loop.time() + duration
             yield {"type": "started", "timestamp": _ms()}
             pid = first.pid if first is not None else 0
             while True:

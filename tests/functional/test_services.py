@@ -300,3 +300,17 @@ def test_js_sdk_restart_and_logs(server: WispServer) -> None:
                        text=True, timeout=300)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     assert r.stdout.splitlines()[-1] == "ok delete"
+
+
+def test_put_replaces_a_running_service(sprite) -> None:
+    """PUT on a running service ends the old process and streams the new one's start (not
+    the old one's exit); restart_count starts again at 0."""
+    list(sprite.create_service("web", "sh", ["-c", "echo v1; exec sleep 1000"], duration=0))
+    old = sprite.get_service("web").state.pid
+    stream = list(sprite.create_service("web", "sh", ["-c", "echo v2; exec sleep 1000"],
+                                        duration=1))
+    assert [m.type for m in stream if m.type != "stdout"] == ["started", "complete"]
+    assert "v2\n" in "".join(m.data or "" for m in stream if m.type == "stdout")
+    st = sprite.get_service("web").state
+    assert st.pid != old and st.status == "running" and st.restart_count == 0
+    assert sprite.get_service("web").args == ["-c", "echo v2; exec sleep 1000"]

@@ -13,6 +13,7 @@ to the tmpfs's size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from wisp.errors import SystemError_
-from wisp.runtime import agent
+from wisp.runtime import agent, supervisor
 from wisp.runtime.base import ROOT_UID_BASE, Limits, Runtime
 from wisp.runtime.oci import make_spec
 from wisp.system import mount_tmpfs, mounts_under, process_running, run, unmount
@@ -243,6 +244,8 @@ class ContainerRuntime(Runtime):
         # and a pid namespace's init would ignore a SIGTERM from outside anyway.
         inits = {i: self.init_pid(i) for i in sprite_ids}
         pending = [i for i in sprite_ids if inits[i] is not None]
+        # services exit on this SIGTERM: their supervisor must not start them again
+        await asyncio.gather(*(self._quiesce(i) for i in pending))
         for sprite_id in pending:
             for pid in self._cgroup_pids(sprite_id):
                 if pid != inits[sprite_id]:
@@ -253,6 +256,11 @@ class ContainerRuntime(Runtime):
                        if set(self._cgroup_pids(i)) - {inits[i]}]
             if pending:
                 await asyncio.sleep(0.02)
+
+    async def _quiesce(self, sprite_id: str) -> None:
+        """Best effort, briefly: a wedged agent must not hold up a stop."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(supervisor.quiesce(self.agent_socket(sprite_id)), 1.0)
 
     @staticmethod
     def _signal_member(sprite_id: str, pid: int, sig: signal.Signals) -> None:

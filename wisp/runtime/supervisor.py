@@ -26,7 +26,7 @@ from wisp.runtime.agent import (
 )
 
 __all__ = ["ServiceStatus", "SupervisorError", "define", "start", "stop", "delete",
-           "signal", "status", "LOG_DIR"]
+           "signal", "status", "quiesce", "LOG_DIR"]
 
 #: Where the agent writes services' logs inside the sprite (a writable bind of the info
 #: dir's `logs/`, see wisp/runtime/oci.py).
@@ -120,6 +120,12 @@ async def delete(sock: Path, name: str, timeout: float) -> None:
 
 async def signal(sock: Path, name: str, signum: int) -> None:
     await _simple(sock, [b"svc-signal", b"name=" + name.encode(), b"sig=%d" % signum])
+
+
+async def quiesce(sock: Path) -> None:
+    """The sprite is about to stop: no service is restarted from now on (nothing is
+    recorded; the next boot starts them as defined)."""
+    await _simple(sock, [b"svc-quiesce"])
 
 
 async def status(sock: Path) -> dict[str, ServiceStatus]:

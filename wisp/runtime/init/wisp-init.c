@@ -34,6 +34,7 @@
  *                     complete non-TTY spawn request ("spawn" "arg=…" "env=…" …, no fds);
  *                     "svc-start" "name=N"; "svc-stop" "name=N" "timeout=MS";
  *                     "svc-delete" "name=N" "timeout=MS"; "svc-signal" "name=N" "sig=S";
+ *                     "svc-quiesce" (the sprite is stopping: restart nothing more);
  *                     "svc-list" -> one line per service, tab-separated:
  *                     name status pid started_unix restart_count next_restart_unix
  *                     last_exit error (0 / -1 / "" where unknown).
@@ -820,22 +821,40 @@ static void svc_close_logs(struct service *s)
     }
 }
 
-/* Append to log k, rotating it to FILE.1 first when it would pass logmax. */
+/* Append to log k; a file that reaches logmax is renamed to FILE.1 and a new one started,
+ * so no file passes logmax (a write is split at the boundary). */
 static void svc_log_write(struct service *s, int k, const char *data, size_t n)
 {
-    if (s->logfd[k] >= 0 && s->logsize[k] > 0 && s->logsize[k] + (long long)n > s->logmax) {
-        char path[PATH_MAX], old[PATH_MAX];
-        svc_log_path(s, k, path, sizeof(path), 0);
-        svc_log_path(s, k, old, sizeof(old), 1);
-        rename(path, old);
-        close(s->logfd[k]);
-        s->logfd[k] = -1;
-    }
-    if (s->logfd[k] < 0 && svc_open_log(s, k) < 0)
-        return;
-    ssize_t w = write(s->logfd[k], data, n);
-    if (w > 0)
+    for (int rotations = 0; n > 0; ) {
+        if (s->logfd[k] >= 0 && s->logsize[k] >= s->logmax) {
+            char path[PATH_MAX], old[PATH_MAX];
+            svc_log_path(s, k, path, sizeof(path), 0);
+            svc_log_path(s, k, old, sizeof(old), 1);
+            /* bounded: the sprite's root may keep putting big files there */
+            if (++rotations > 4)
+                return;
+            if (rename(path, old) == 0) {
+                close(s->logfd[k]);
+                s->logfd[k] = -1;
+            } else if (ftruncate(s->logfd[k], 0) == 0) {
+                s->logsize[k] = 0;
+            } else {
+                return;
+            }
+        }
+        if (s->logfd[k] < 0 && svc_open_log(s, k) < 0)
+            return;
+        if (s->logsize[k] >= s->logmax)
+            continue; /* an existing file already past the cap: rotate it first */
+        size_t room = (size_t)(s->logmax - s->logsize[k]);
+        size_t part = n < room ? n : room;
+        ssize_t w = write(s->logfd[k], data, part);
+        if (w <= 0)
+            return;
         s->logsize[k] += w;
+        data += w;
+        n -= (size_t)w;
+    }
 }
 
 static void svc_close_pipe(struct service *s, int i)
@@ -1141,6 +1160,14 @@ static void handle_service_request(struct conn *c, char *buf, size_t len)
         return;
     } else if (!strcmp(buf, "svc-define")) {
         err = svc_define(buf, len);
+    } else if (!strcmp(buf, "svc-quiesce")) {
+        /* The sprite is going down: what exits now stays down (nothing is recorded). */
+        for (int i = 0; i < MAX_SERVICES; i++) {
+            services[i].want = services[i].start_after = 0;
+            services[i].restart_at_ms = 0;
+            if (services[i].used && services[i].pid <= 0)
+                services[i].status = S_STOPPED;
+        }
     } else {
         char *end = buf + len, *first = buf + strlen(buf) + 1;
         const char *name = svc_field(first, end, "name");
