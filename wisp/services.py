@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from wisp.db import SpriteRow
     from wisp.sprites import Sprites
 
-__all__ = ["SpriteServices", "ServiceDef", "boot", "load", "save", "needs_order",
+__all__ = ["SpriteServices", "ServiceDef", "boot", "http_port", "load", "save", "needs_order",
            "NAME_RE", "FILE", "LOG_MAX", "MAX_SERVICES"]
 
 log = logging.getLogger("wisp.services")
@@ -242,6 +242,14 @@ async def boot(info_dir: Path, handle: SpriteHandle) -> None:
             await _define(handle, d, start=not d.stopped)
     except Exception as exc:
         log.warning("starting the services of sprite %s failed: %s", handle.name, exc)
+
+
+async def http_port(sprites: Sprites, name: str) -> int | None:
+    """The `http_port` of sprite `name`'s service that has one (woken first), else None:
+    where its URL goes when the host names no port."""
+    await sprites.handle(name)
+    defs = await asyncio.to_thread(load, sprites.info_dir(sprites.row(name).id))
+    return next((d.http_port for d in defs.values() if d.http_port is not None), None)
 
 
 def _state(d: ServiceDef, st: supervisor.ServiceStatus | None) -> dict[str, Any]:

@@ -314,3 +314,17 @@ def test_put_replaces_a_running_service(sprite) -> None:
     st = sprite.get_service("web").state
     assert st.pid != old and st.status == "running" and st.restart_count == 0
     assert sprite.get_service("web").args == ["-c", "echo v2; exec sleep 1000"]
+
+
+def test_sprite_url_reaches_the_http_port_service(sprite, server: WispServer) -> None:
+    """The sprite's URL with no port goes to the service with `http_port` instead of 8080;
+    `PORT--NAME` still names a port explicitly."""
+    from tests.framework.urls import host, url_get
+
+    script = ("mkdir -p /tmp/www && echo from-service > /tmp/www/index.html && "
+              "exec httpd -f -p 127.0.0.1:8000 -h /tmp/www")
+    list(sprite.create_service("web", "sh", ["-c", script], http_port=8000, duration=0.5))
+    r = url_get(server, host(server, sprite.name), "/index.html", token=server.token)
+    assert r.status_code == 200 and r.text == "from-service\n", r.text
+    r = url_get(server, host(server, sprite.name, 8000), "/index.html", token=server.token)
+    assert r.status_code == 200 and r.text == "from-service\n"

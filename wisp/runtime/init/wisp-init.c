@@ -44,8 +44,8 @@
  * (workload cgroup via the zygote, the request's uid/env/cwd), with stdin /dev/null and
  * stdout/stderr pipes the agent reads into DIR/NAME.log (both streams), NAME.stdout.log and
  * NAME.stderr.log, each rotated to FILE.1 past logmax bytes. It is restarted whenever it
- * exits unless stopped explicitly; the delay doubles from 250 ms to 30 s while it keeps
- * dying within 10 s of its start. Stop: SIGTERM to its process group, SIGKILL after the
+ * exits unless stopped explicitly: at once the first time, then after a delay that doubles
+ * from 250 ms to 30 s while it keeps dying within 10 s of its start. Stop: SIGTERM to its process group, SIGKILL after the
  * timeout. The definitions are the server's (it sends them at every boot); the agent
  * keeps only what it was told.
  *
@@ -897,8 +897,9 @@ static void svc_schedule_restart(struct service *s)
 {
     if (now_ms() - s->started_ms >= SVC_STABLE_MS)
         s->failures = 0;
-    long long delay = SVC_BACKOFF_MIN_MS;
-    for (int i = 0; i < s->failures && delay < SVC_BACKOFF_MAX_MS; i++)
+    /* the first crash after a stable run restarts at once, then 250 ms, 500 ms, ... */
+    long long delay = s->failures ? SVC_BACKOFF_MIN_MS : 0;
+    for (int i = 1; i < s->failures && delay < SVC_BACKOFF_MAX_MS; i++)
         delay *= 2;
     if (delay > SVC_BACKOFF_MAX_MS)
         delay = SVC_BACKOFF_MAX_MS;
