@@ -219,14 +219,20 @@ def needs_order(defs: dict[str, ServiceDef]) -> list[ServiceDef]:
 
 
 # -- talking to the agent ------------------------------------------------------------------
-async def _define(handle: SpriteHandle, d: ServiceDef, *, start: bool) -> None:
+def _request(handle: SpriteHandle, d: ServiceDef, *, start: bool) -> list[bytes]:
+    """What the agent is sent for `d`: it runs as exec'd commands do (the sprite user, the
+    exec environment with the service's `env` on top, `dir` or the home directory)."""
     from wisp.exec.sessions import default_env
 
     env = {**default_env(handle), **d.env}
+    return supervisor.define_request(d.name, [d.cmd, *d.args], env, d.dir or handle.home,
+                                     handle.user_uid, handle.user_gid, handle.groups,
+                                     start=start, log_max=LOG_MAX)
+
+
+async def _define(handle: SpriteHandle, d: ServiceDef, *, start: bool) -> None:
     try:
-        await supervisor.define(handle.agent_socket, d.name, [d.cmd, *d.args], env,
-                                d.dir or handle.home, handle.user_uid, handle.user_gid,
-                                handle.groups, start=start, log_max=LOG_MAX)
+        await supervisor.define(handle.agent_socket, _request(handle, d, start=start))
     except supervisor.SupervisorError as exc:
         raise SystemError_(f"the init agent refused service {d.name!r}: {exc.reason}",
                            public=f"the sprite's init agent refused service "
@@ -407,6 +413,7 @@ class SpriteServices:
                 raise Conflict(_HOST_HTTP_PORT_MSG)
             if svc not in defs and len(defs) >= MAX_SERVICES:
                 raise BadRequest(f"a sprite has at most {MAX_SERVICES} services")
+            _request(handle, new, start=True)  # refused here, before it is stored
             defs[svc] = new
             offsets = await asyncio.to_thread(_Tail.sizes, info, svc)
             await asyncio.to_thread(save, info, defs)

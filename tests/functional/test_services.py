@@ -222,6 +222,7 @@ def test_http_port_conflict(sprite, server: WispServer) -> None:
     ("ok", {"cmd": "sh"}, "?duration=abc"),
     ("ok", {"cmd": "sh"}, "?duration=-1s"),
     ("ok", [1, 2], ""),
+    ("ok", {"cmd": "sh", "args": ["x" * 200_000]}, ""),
 ])
 def test_bad_input_is_400(sprite, server: WispServer, path: str, body: object,
                           query: str) -> None:
@@ -230,6 +231,7 @@ def test_bad_input_is_400(sprite, server: WispServer, path: str, body: object,
                    validate_request=False)
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "bad_request" and r.json()["message"]
+    assert sprite.list_services() == []  # nothing refused was stored
 
 
 def test_unknown_is_404(sprite, server: WispServer) -> None:

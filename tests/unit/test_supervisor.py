@@ -49,8 +49,9 @@ async def _define(h: SpriteHandle, name: str, script: str, start: bool, log_max:
     orig = supervisor.LOG_DIR
     supervisor.LOG_DIR = LOGDIR
     try:
-        await supervisor.define(h.agent_socket, name, ["sh", "-c", script], ENV, "/tmp", uid,
-                                uid, [uid], start=start, log_max=log_max)
+        await supervisor.define(h.agent_socket, supervisor.define_request(
+            name, ["sh", "-c", script], ENV, "/tmp", uid, uid, [uid], start=start,
+            log_max=log_max))
     finally:
         supervisor.LOG_DIR = orig
 
@@ -170,6 +171,21 @@ def test_logs_rotate_at_the_cap(handle: SpriteHandle) -> None:
     for f in ("big.log", "big.log.1", "big.stdout.log", "big.stdout.log.1"):
         assert 0 < len(log(handle, f)) <= 8192, f
     forget(handle, "big")
+
+
+def test_oversized_definition_is_refused(handle: SpriteHandle) -> None:
+    """The client refuses a definition past MAX_DEFINITION; the agent refuses one sent
+    anyway."""
+    from wisp.errors import BadRequest
+
+    big = "x" * supervisor.MAX_DEFINITION
+    with pytest.raises(BadRequest):
+        supervisor.define_request("big", ["sh", big], ENV, "/", 1000, 1000, [1000],
+                                  start=False, log_max=1 << 20)
+    payload = (b"svc-define\0name=big\0start=0\0logdir=/tmp/x\0logmax=65536\0spawn\0"
+               b"uid=1000\0gid=1000\0arg=" + big.encode() + b"\0")
+    assert _raw(handle, payload) == b"error definition too large"
+    assert status(handle, "big") is None
 
 
 def test_runs_as_the_user_in_the_workload(handle: SpriteHandle) -> None:

@@ -26,11 +26,14 @@ from wisp.runtime.agent import (
 )
 
 __all__ = ["ServiceStatus", "SupervisorError", "define", "start", "stop", "delete",
-           "signal", "status", "quiesce", "LOG_DIR"]
+           "signal", "status", "quiesce", "define_request", "LOG_DIR", "MAX_DEFINITION"]
 
 #: Where the agent writes services' logs inside the sprite (a writable bind of the info
 #: dir's `logs/`, see wisp/runtime/oci.py).
 LOG_DIR = "/.sprite/logs/services"
+#: Largest spawn request of one service (wisp-init.c's SVC_SPEC_MAX): 64 of them fit the
+#: agent's memory reserve many times over.
+MAX_DEFINITION = 128 * 1024
 _LIST_BYTES = 64 * 400 + 1024
 
 
@@ -92,14 +95,24 @@ async def _simple(sock: Path, fields: Sequence[bytes]) -> None:
                            public="the sprite's init agent sent a bad reply")
 
 
-async def define(sock: Path, name: str, argv: Sequence[str], env: Mapping[str, str], cwd: str,
-                 uid: int, gid: int, groups: Sequence[int], *, start: bool,
-                 log_max: int) -> None:
-    """Tell the agent what `name` runs; `start` starts it (restarting one that runs)."""
+def define_request(name: str, argv: Sequence[str], env: Mapping[str, str], cwd: str,
+                   uid: int, gid: int, groups: Sequence[int], *, start: bool,
+                   log_max: int) -> list[bytes]:
+    """The `svc-define` fields; `BadRequest` for a definition the agent would refuse (NUL
+    bytes, a bad env name, more than MAX_DEFINITION bytes: the agent keeps every
+    definition in its memory reserve)."""
     spawn = _encode_request(argv, env, cwd, uid, gid, groups, False, 24, 80, None)
-    fields = [b"svc-define", b"name=" + name.encode(), b"start=%d" % int(start),
-              b"logdir=" + LOG_DIR.encode(), b"logmax=%d" % log_max, spawn.rstrip(b"\0")]
-    await _simple(sock, fields)
+    if len(spawn) > MAX_DEFINITION:
+        raise BadRequest(f"service definition too large ({len(spawn)} bytes with the "
+                         f"environment; at most {MAX_DEFINITION})")
+    return [b"svc-define", b"name=" + name.encode(), b"start=%d" % int(start),
+            b"logdir=" + LOG_DIR.encode(), b"logmax=%d" % log_max, spawn.rstrip(b"\0")]
+
+
+async def define(sock: Path, request: list[bytes]) -> None:
+    """Tell the agent what a service runs (`define_request`); with start=1 it starts (one
+    that runs is stopped first and started on the new definition)."""
+    await _simple(sock, request)
 
 
 async def start(sock: Path, name: str) -> None:

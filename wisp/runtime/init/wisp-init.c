@@ -727,6 +727,8 @@ static void handle_running(struct conn *c, char *buf, size_t len)
 #define SVC_BACKOFF_MAX_MS 30000
 #define SVC_STABLE_MS 10000
 #define SVC_READ_CHUNK 65536
+/* Every definition lives in the agent's memory (its reserve): 64 x 128 KiB at most. */
+#define SVC_SPEC_MAX (128 * 1024)
 
 enum svc_status { S_STOPPED = 0, S_STARTING, S_RUNNING, S_STOPPING, S_FAILED };
 static const char *const svc_status_names[] = { "stopped", "starting", "running", "stopping",
@@ -1076,6 +1078,8 @@ static const char *svc_define(char *buf, size_t len)
     if (!spec)
         return "no spawn request";
     size_t spec_len = (size_t)(end - spec);
+    if (spec_len > SVC_SPEC_MAX)
+        return "definition too large";
     struct request r;
     const char *err = parse_request(spec, spec_len, &r);
     int tty = r.tty;
