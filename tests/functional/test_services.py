@@ -330,3 +330,32 @@ def test_sprite_url_reaches_the_http_port_service(sprite, server: WispServer) ->
     assert r.status_code == 200 and r.text == "from-service\n", r.text
     r = url_get(server, host(server, sprite.name, 8000), "/index.html", token=server.token)
     assert r.status_code == 200 and r.text == "from-service\n"
+
+
+def test_services_come_back_after_a_cold_start(leak_check) -> None:  # type: ignore[no-untyped-def]
+    """A server restart leaves every sprite cold; the first call boots the sprite and its
+    services come back in `needs` order, the explicitly stopped one stays stopped, and the
+    log files written before are still there."""
+    from sprites import SpritesClient
+
+    srv = WispServer(leak_check / "services-cold")
+    srv.start()
+    try:
+        with SpritesClient(srv.token, base_url=srv.url) as c:
+            s = c.create_sprite("cold")
+            list(s.create_service("app", "sh", SLEEPER, needs=["db"], duration=0))
+            list(s.create_service("db", "sh", SLEEPER, duration=0))
+            list(s.create_service("off", "sh", SLEEPER, duration=0))
+            list(s.stop_service("off"))
+        srv.restart()
+        assert srv.api("GET", "/v1/sprites/cold").json()["status"] == "cold"
+        with SpritesClient(srv.token, base_url=srv.url) as c:
+            s = c.get_sprite("cold")
+            by = {x.name: x.state for x in s.list_services()}
+            assert by["db"].status == by["app"].status == "running"
+            assert by["db"].pid < by["app"].pid
+            assert by["off"].status == "stopped"
+            assert sh(s, "cat /.sprite/logs/services/app.log").count(b"up\n") == 2
+            c.delete_sprite("cold")
+    finally:
+        srv.stop()
