@@ -45,9 +45,9 @@
  * stdout/stderr pipes the agent reads into DIR/NAME.log (both streams), NAME.stdout.log and
  * NAME.stderr.log, each rotated to FILE.1 past logmax bytes. It is restarted whenever it
  * exits unless stopped explicitly: at once the first time, then after a delay that doubles
- * from 250 ms to 30 s while it keeps dying within 10 s of its start. Stop: SIGTERM to its process group, SIGKILL after the
- * timeout. The definitions are the server's (it sends them at every boot); the agent
- * keeps only what it was told.
+ * from 250 ms to 30 s while it keeps dying within 10 s of its start. Stop: SIGTERM to its
+ * process group, SIGKILL after the timeout. The definitions are the server's (it sends
+ * them at every boot); the agent keeps only what it was told.
  *
  * Spawns do not move processes between cgroups: a "zygote" child of the agent lives in the
  * workload cgroups and forks each command there with CLONE_PARENT, so the command is the
