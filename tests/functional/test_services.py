@@ -359,3 +359,17 @@ def test_services_come_back_after_a_cold_start(leak_check) -> None:  # type: ign
             c.delete_sprite("cold")
     finally:
         srv.stop()
+
+
+def test_logs_follow_new_output(sprite, server: WispServer) -> None:
+    """logs?lines=0&duration=D replays nothing and streams what the service writes during
+    D, then complete."""
+    body = {"cmd": "sh", "args": ["-c", "while :; do echo tick; sleep 0.2; done"]}
+    base = f"/v1/sprites/{sprite.name}/services"
+    assert server.api("PUT", f"{base}/ticker?duration=0", json=body).status_code == 200
+    t = time.monotonic()
+    evs = events(server.api("GET", f"{base}/ticker/logs?lines=0&duration=1.2s"))
+    assert 1.1 < time.monotonic() - t < 5
+    ticks = "".join(e["data"] for e in evs if e["type"] == "stdout").count("tick")
+    assert ticks >= 3, evs
+    assert evs[-1]["type"] == "complete"
