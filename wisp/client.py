@@ -55,6 +55,7 @@ __all__ = [
     "Sprite",
     "Checkpoint",
     "ProgressEvent",
+    "Service",
     "RestartResult",
     "UrlLink",
     "Context",
@@ -173,6 +174,19 @@ class ProgressEvent(TypedDict, total=False):
     error: str
     time: str
     id: str
+
+
+class Service(TypedDict, total=False):
+    """A service and its `state` (contract §5.2)."""
+
+    name: str
+    cmd: str
+    args: list[str]
+    needs: list[str]
+    http_port: int | None
+    env: dict[str, str]
+    dir: str
+    state: dict[str, Any] | None
 
 
 class RestartResult(TypedDict, total=False):
@@ -765,6 +779,49 @@ class Client:
         """Wisp extension; 409 when the checkpoint is the one the sprite runs on."""
         self._request("DELETE",
                       f"/v1/sprites/{_seg(sprite)}/checkpoints/{_seg(checkpoint_id)}")
+
+    # -- services (contract §2.11, §5.2)
+
+    def list_services(self, sprite: str) -> list[Service]:
+        data = self._json("GET", f"/v1/sprites/{_seg(sprite)}/services")
+        if not isinstance(data, list):
+            raise ProtocolError("GET services: expected a JSON array")
+        return cast(list[Service], data)
+
+    def put_service(self, sprite: str, name: str, body: Mapping[str, Any], *,
+                    duration: float | None = None) -> Iterator[dict[str, Any]]:
+        """Create or replace and start; the service's events (contract §5.2)."""
+        params = {"duration": f"{duration:g}"} if duration is not None else {}
+        return self._events("PUT", f"/v1/sprites/{_seg(sprite)}/services/{_seg(name)}",
+                            json=dict(body), params=params)
+
+    def start_service(self, sprite: str, name: str, *,
+                      duration: float | None = None) -> Iterator[dict[str, Any]]:
+        params = {"duration": f"{duration:g}"} if duration is not None else {}
+        return self._events("POST", f"/v1/sprites/{_seg(sprite)}/services/{_seg(name)}/start",
+                            params=params)
+
+    def stop_service(self, sprite: str, name: str, *,
+                     timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        params = {"timeout": f"{timeout:g}"} if timeout is not None else {}
+        return self._events("POST", f"/v1/sprites/{_seg(sprite)}/services/{_seg(name)}/stop",
+                            params=params)
+
+    def service_logs(self, sprite: str, name: str, *, lines: int | None = None,
+                     duration: float | None = None) -> Iterator[dict[str, Any]]:
+        params: dict[str, str] = {}
+        if lines is not None:
+            params["lines"] = str(lines)
+        if duration is not None:
+            params["duration"] = f"{duration:g}"
+        return self._events("GET", f"/v1/sprites/{_seg(sprite)}/services/{_seg(name)}/logs",
+                            params=params)
+
+    def delete_service(self, sprite: str, name: str) -> None:
+        self._request("DELETE", f"/v1/sprites/{_seg(sprite)}/services/{_seg(name)}")
+
+    def _events(self, method: str, path: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        return cast(Iterator[dict[str, Any]], self._ndjson(method, path, **kwargs))
 
     # -- exec (contract §3.1)
 

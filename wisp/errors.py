@@ -8,8 +8,10 @@ contract error body (docs/sprites-api.md §1.2).
     ├── NotFound                    404  not_found
     │   ├── SpriteNotFound          404  sprite_not_found
     │   ├── CheckpointNotFound      404  checkpoint_not_found
-    │   └── SessionNotFound         404  session_not_found
+    │   ├── SessionNotFound         404  session_not_found
+    │   └── ServiceNotFound         404  service_not_found
     ├── Conflict                    409  conflict
+    │   ├── ServiceNotRunning       409  service_not_running
     │   └── SpriteExists            400  sprite_exists   (the docs say 400 for duplicates)
     ├── Gone                        410  gone            (session already exited)
     ├── PayloadTooLarge             413  payload_too_large
@@ -41,7 +43,9 @@ __all__ = [
     "SpriteNotFound",
     "CheckpointNotFound",
     "SessionNotFound",
+    "ServiceNotFound",
     "Conflict",
+    "ServiceNotRunning",
     "SpriteExists",
     "Gone",
     "PayloadTooLarge",
@@ -125,6 +129,22 @@ class Conflict(WispError):
 
     status = 409
     code = "conflict"
+
+
+class ServiceNotFound(NotFound):
+    code = "service_not_found"
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"service '{service}' not found")
+
+
+class ServiceNotRunning(Conflict):
+    """Stopping or signalling a service that has no process."""
+
+    code = "service_not_running"
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"service '{service}' is not running")
 
 
 class SpriteExists(Conflict):

@@ -92,6 +92,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.api.policy_routes import policy_routes
     from wisp.api.ports_routes import ports_routes
     from wisp.api.resources_routes import resources_routes
+    from wisp.api.services_routes import services_routes
     from wisp.api.sprites_routes import sprite_routes
     from wisp.api.url_routes import url_routes
     from wisp.checkpoints import Checkpoints
@@ -105,6 +106,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.ports import Ports
     from wisp.resources import Resources
     from wisp.runtime.container import ContainerRuntime
+    from wisp.services import SpriteServices
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
     from wisp.storage.reclaim import Reclaimer
@@ -157,6 +159,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
 
     routes = [*sprite_routes(svc), *lifecycle_routes(sprites), *policy_routes(policies),
               *resources_routes(Resources(sprites)),
+              *services_routes(SpriteServices(sprites)),
               *exec_routes(sprites.handle, sessions),
               *fs_routes(sprites.handle, storage=volume.require),
               *ports_routes(Ports(sprites)), *url_routes(urls), *openapi_routes()]

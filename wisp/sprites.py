@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wisp import resources
+from wisp import resources, services
 from wisp.config import Config, idle_seconds
 from wisp.db import CheckpointRow, SpriteRow, Store, now
 from wisp.errors import BadRequest, InvalidName, SpriteExists, SpriteNotFound, SystemError_
@@ -569,6 +569,7 @@ class Sprites:
         self._live[row.id] = _Live(handle, pid)
         self.activity.touch(row.id)
         self.store.update_sprite(row.id, last_running_at=now())
+        await services.boot(self.info_dir(row.id), handle)  # in `needs` order; never raises
         return handle
 
     def prestart(self, name: str) -> None:

@@ -111,6 +111,30 @@ def test_idle_sprite_goes_warm_then_cold_and_a_call_wakes_it(life_server: WispSe
     assert status(life_server, "idle") == "running"
 
 
+def test_services_come_back_after_cold_and_keep_their_pid_through_warm(
+        life_server: WispServer, make) -> None:  # type: ignore[no-untyped-def]
+    make("svc", lifecycle={"warm_after": WARM_AFTER, "cold_after": 0})
+    r = life_server.api("PUT", "/v1/sprites/svc/services/ticker?duration=0",
+                        json={"cmd": "sh", "args": ["-c", "while :; do sleep 1; done"]})
+    assert r.status_code == 200, r.text
+
+    def state() -> dict:  # type: ignore[type-arg]
+        got = life_server.api("GET", "/v1/sprites/svc/services/ticker")  # wakes it
+        assert got.status_code == 200, got.text
+        return got.json()["state"]  # type: ignore[no-any-return]
+
+    first = state()
+    assert first["status"] == "running"
+    wait_status(life_server, "svc", "warm")  # a running service does not hold it awake
+    assert state()["pid"] == first["pid"]  # thawed, not restarted
+    r = life_server.api("POST", "/v1/sprites/svc/sleep", json={"state": "cold"})
+    assert r.json()["status"] == "cold"
+    # an exec wakes it: the service was started again at boot, a new process
+    assert sh(life_server, "svc", "echo up") == b"up\n"
+    after = state()
+    assert after["status"] == "running" and after["pid"] != first["pid"]
+
+
 def test_warm_wake_resumes_the_same_processes(life_server: WispServer, make) -> None:  # type: ignore[no-untyped-def]
     sprite = make("resume", lifecycle={"warm_after": WARM_AFTER, "cold_after": 0})
     assert _client(life_server).get_sprite("resume").status in ("running", "cold")

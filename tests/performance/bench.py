@@ -3,9 +3,9 @@
 Measures p50/p95 over several samples for: create → first exec, exec round trip, exec
 output throughput over the WebSocket (one stream, four at once),
 checkpoint (idle, after 100 MB and after 1 GB written), restore, fork, delete, disk
-write throughput inside a sprite versus raw JuiceFS on the same volume, and HTTP through a
-sprite URL versus straight into the sprite. In the same run it
-measures a naive baseline (checkpoint = copy the overlay upper directory, restore = copy it
+write throughput inside a sprite versus raw JuiceFS on the same volume, HTTP through a
+sprite URL versus straight into the sprite, and services (tests/performance/services.py).
+In the same run it measures a naive baseline (checkpoint = copy the overlay upper directory, restore = copy it
 back) and reports Wisp's speed-up over it. Then the network rows, on a second server
 whose uplink is the tests' fake internet (tests/performance/network.py). Asserts nothing:
 numbers are for comparing runs.
@@ -456,6 +456,9 @@ def main() -> None:
     try:
         bench = Bench(srv)
         speedups = run(bench)
+        from tests.performance import services
+
+        services.run(bench, SAMPLES)
     finally:
         srv.stop()
     from tests.performance import network

@@ -408,7 +408,8 @@ def test_exported_members() -> None:
     assert wisp.cli.__all__ == ["cli", "main"]
     assert set(wisp.client.__all__) == {
         "Client", "ClientError", "ConfigError", "ConnectError", "ApiError", "ProxyError",
-        "ProtocolError", "Sprite", "Checkpoint", "ProgressEvent", "RestartResult", "UrlLink",
+        "ProtocolError", "Sprite", "Checkpoint", "ProgressEvent", "Service", "RestartResult",
+        "UrlLink",
         "Context", "ClientConfig",
         "Endpoint", "LOCAL_CONTEXT", "check_context_name", "check_api_url",
         "client_config_path", "load_client_config", "save_client_config",

@@ -19,7 +19,7 @@ DOCS = [p for p in DOCS if p.exists()]
 
 #: Pages that follow the feature template (style guide §7).
 FEATURE_PAGES = ["sprites", "exec", "filesystem", "checkpoints", "images", "storage",
-                 "security", "cli", "proxy", "lifecycle", "resources"]
+                 "security", "cli", "proxy", "lifecycle", "resources", "services"]
 FEATURE_SECTIONS = ["Overview", "API", "Performance", "Limitations", "Known issues"]
 
 _FENCE = re.compile(r"^\s*(```|~~~)")

@@ -9,7 +9,8 @@ import pytest
 EXPECTED = {
     "wisp": ["__version__"],
     "wisp.errors": ["WispError", "BadRequest", "InvalidName", "Unauthorized", "NotFound",
-                    "SpriteNotFound", "CheckpointNotFound", "SessionNotFound", "Conflict",
+                    "SpriteNotFound", "CheckpointNotFound", "SessionNotFound", "ServiceNotFound", "Conflict",
+                    "ServiceNotRunning",
                     "SpriteExists", "Gone", "PayloadTooLarge", "QuotaExceeded",
                     "StorageUnavailable", "SpriteUnresponsive", "SystemError_", "FsError",
                     "FS_STATUS"],

@@ -26,6 +26,7 @@ from wisp.cli.policy import policy
 from wisp.cli.proxy import proxy
 from wisp.cli.resources import resources
 from wisp.cli.serve import serve
+from wisp.cli.services import services
 from wisp.cli.sprites import create, destroy, fork, list_, restart, show, use
 from wisp.cli.urls import url
 
@@ -67,7 +68,8 @@ def cli(ctx: click.Context, api: str | None, token: str | None, context: str | N
 
 
 for command in (create, list_, show, use, exec_, console, proxy, restart, checkpoint, restore,
-                fork, url, destroy, policy, resources, sleep, tasks, context, serve, image):
+                fork, url, destroy, policy, resources, services, sleep, tasks, context, serve,
+                image):
     cli.add_command(command)
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from wisp.errors import Conflict, SystemError_
-from wisp.runtime import agent
+from wisp.runtime import agent, supervisor
 from wisp.runtime.base import ROOT_UID_BASE, Limits, Runtime
 from wisp.runtime.oci import make_spec
 from wisp.system import mount_tmpfs, mounts_under, process_running, run, unmount
@@ -170,6 +170,10 @@ class ContainerRuntime(Runtime):
         # WORKLOAD. On a pure cgroup v2 host the sprite's cgroup could not hold the agent
         # beside a child cgroup ("no internal processes"), so there the limits apply to
         # the agent too and a full sprite needs the restart endpoint.
+        if info_dir is not None:  # the source of /.sprite/logs, writable by the sprite's root
+            logs = info_dir / "logs"
+            logs.mkdir(mode=0o755, exist_ok=True)
+            os.chown(logs, ROOT_UID_BASE, ROOT_UID_BASE, follow_symlinks=False)
         reserve = (CGROUP_ROOT / "pids").is_dir()
         outer = Limits(limits.memory_mb + RESERVE_MEMORY_MB, limits.cpus,
                        limits.pids + RESERVE_PIDS) if reserve else limits
@@ -308,6 +312,8 @@ class ContainerRuntime(Runtime):
         # and a pid namespace's init would ignore a SIGTERM from outside anyway.
         inits = {i: self.init_pid(i) for i in sprite_ids}
         pending = [i for i in sprite_ids if inits[i] is not None]
+        # services exit on this SIGTERM: their supervisor must not start them again
+        await asyncio.gather(*(self._quiesce(i) for i in pending))
         for sprite_id in pending:
             for pid in self._cgroup_pids(sprite_id):
                 if pid != inits[sprite_id]:
@@ -318,6 +324,11 @@ class ContainerRuntime(Runtime):
                        if set(self._cgroup_pids(i)) - {inits[i]}]
             if pending:
                 await asyncio.sleep(0.02)
+
+    async def _quiesce(self, sprite_id: str) -> None:
+        """Best effort, briefly: a wedged agent must not hold up a stop."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(supervisor.quiesce(self.agent_socket(sprite_id)), 1.0)
 
     @staticmethod
     def _signal_member(sprite_id: str, pid: int, sig: signal.Signals) -> None:

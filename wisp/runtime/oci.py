@@ -110,6 +110,11 @@ def make_spec(*, hostname: str, rootfs: Path, init_binary: Path, agent_dir: Path
             *([{"destination": "/.sprite", "type": "none", "source": str(info_dir),
                 "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}]
               if info_dir is not None else []),
+            # ... but for its logs dir (services' logs, written by init as the sprite's
+            # root; docs/services.md): a separate writable bind, so /.sprite stays read-only.
+            *([{"destination": "/.sprite/logs", "type": "none", "source": str(info_dir / "logs"),
+                "options": ["bind", "rw", "nosuid", "nodev", "noexec"]}]
+              if info_dir is not None else []),
             # Keep-awake task files (docs/lifecycle.md): any process may write one; small,
             # charged to the sprite's memory, and gone with its run as a task should be.
             {"destination": "/run/sprite/tasks", "type": "tmpfs", "source": "tasks",

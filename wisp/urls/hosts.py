@@ -14,12 +14,12 @@ is `8080--3000--web.<domain>`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Target", "Unroutable", "parse_host", "DEFAULT_PORT"]
 
-#: The port a sprite URL reaches when the host names none (the Sprites convention; the
-#: port of a service with `http_port` once Wisp has services).
+#: The port a sprite URL reaches when the host names none and no service has `http_port`
+#: (the Sprites convention; docs/services.md).
 DEFAULT_PORT = 8080
 
 _LABEL = re.compile(r"(?:([1-9][0-9]{0,4})--)?([a-z0-9][a-z0-9-]{0,62})")
@@ -32,6 +32,9 @@ class Target:
     name: str
     port: int
     host: str
+    #: False when the host named no port: a service's `http_port` then takes DEFAULT_PORT's
+    #: place (the proxy looks it up).
+    port_named: bool = field(default=True, compare=False)
 
 
 class Unroutable:
@@ -64,4 +67,4 @@ def parse_host(value: str | None, domain: str) -> Target | Unroutable | None:
     target_port = int(port_text) if port_text else DEFAULT_PORT
     if not 1 <= target_port <= 65535:
         return Unroutable(host)
-    return Target(sprite, target_port, host)
+    return Target(sprite, target_port, host, port_named=port_text is not None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import html
 import logging
 import select
@@ -254,12 +255,26 @@ class UrlProxy:
                 "<token>', or open the one-time link `wisp url open NAME` prints.",
                 [(b"www-authenticate", b"Bearer")])
             return
+        if not target.port_named:
+            target = await self._service_target(target)
         upstream = self._upstream_headers(scope, target, rest)
         with self.sprites.activity.hold(row.id):  # a relayed request keeps it awake
             if scope["type"] == "http":
                 await self._http(scope, receive, send, target, upstream, rest)
             else:
                 await self._websocket(scope, receive, send, target, upstream, rest)
+
+    async def _service_target(self, target: Target) -> Target:
+        """A host that names no port reaches the service with `http_port`, if the sprite
+        has one (docs/services.md); looking it up wakes the sprite, as the dial would."""
+        from wisp.services import http_port
+
+        try:
+            port = await http_port(self.sprites, target.name)
+        except Exception as exc:  # the dial that follows reports what is wrong
+            log.info("looking up the HTTP service of %s failed: %s", target.name, exc)
+            return target
+        return dataclasses.replace(target, port=port) if port else target
 
     def _row(self, name: str) -> SpriteRow | None:
         try:

@@ -28,6 +28,27 @@
  *                     hierarchy. The agent keeps them; every spawned child writes "0" to
  *                     each before it execs, moving itself in. Answer "ok"; connection closed.
  *
+ *   server -> agent   service supervision (see "Services" below; one request per
+ *                     connection, answered "ok", "error MESSAGE" or, for svc-list, the table):
+ *                     "svc-define" "name=N" "start=0|1" "logdir=D" "logmax=BYTES" then a
+ *                     complete non-TTY spawn request ("spawn" "arg=…" "env=…" …, no fds);
+ *                     "svc-start" "name=N"; "svc-stop" "name=N" "timeout=MS";
+ *                     "svc-delete" "name=N" "timeout=MS"; "svc-signal" "name=N" "sig=S";
+ *                     "svc-quiesce" (the sprite is stopping: restart nothing more);
+ *                     "svc-list" -> one line per service, tab-separated:
+ *                     name status pid started_unix restart_count next_restart_unix
+ *                     last_exit error (0 / -1 / "" where unknown).
+ *
+ * Services: the agent itself supervises long-running processes, so a crash is restarted
+ * even while the host server is busy or gone. A service runs like an exec'd command
+ * (workload cgroup via the zygote, the request's uid/env/cwd), with stdin /dev/null and
+ * stdout/stderr pipes the agent reads into DIR/NAME.log (both streams), NAME.stdout.log and
+ * NAME.stderr.log, each rotated to FILE.1 past logmax bytes. It is restarted whenever it
+ * exits unless stopped explicitly: at once the first time, then after a delay that doubles
+ * from 250 ms to 30 s while it keeps dying within 10 s of its start. Stop: SIGTERM to its
+ * process group, SIGKILL after the timeout. The definitions are the server's (it sends
+ * them at every boot); the agent keeps only what it was told.
+ *
  * Spawns do not move processes between cgroups: a "zygote" child of the agent lives in the
  * workload cgroups and forks each command there with CLONE_PARENT, so the command is the
  * agent's child (reaped, signalled and reported as before) but starts in the workload. A
@@ -97,8 +118,9 @@ struct conn {
 };
 
 static struct conn conns[MAX_CONNS];
-static struct pollfd pfds[MAX_CONNS + 2];
-static int pfd_conn[MAX_CONNS + 2];
+#define MAX_SERVICES 64
+static struct pollfd pfds[MAX_CONNS + 2 + 2 * MAX_SERVICES];
+static int pfd_conn[MAX_CONNS + 2 + 2 * MAX_SERVICES];
 /* One request buffer: the loop is single-threaded and a request is consumed at once. */
 static char reqbuf[MAX_REQUEST + 1];
 /* cgroup.procs of the workload cgroups (see "cgroups" above); -1 = unused. */
@@ -698,6 +720,510 @@ static void handle_running(struct conn *c, char *buf, size_t len)
         signal_group(c->pid, (int)sig);
 }
 
+/* ---- Services (see the top of the file) ------------------------------------------------ */
+
+#define SVC_NAME_MAX 63
+#define SVC_BACKOFF_MIN_MS 250
+#define SVC_BACKOFF_MAX_MS 30000
+#define SVC_STABLE_MS 10000
+#define SVC_READ_CHUNK 65536
+/* Every definition lives in the agent's memory (its reserve): 64 x 128 KiB at most. */
+#define SVC_SPEC_MAX (128 * 1024)
+
+enum svc_status { S_STOPPED = 0, S_STARTING, S_RUNNING, S_STOPPING, S_FAILED };
+static const char *const svc_status_names[] = { "stopped", "starting", "running", "stopping",
+                                                "failed" };
+
+struct service {
+    int used;
+    char name[SVC_NAME_MAX + 1];
+    char *spec; /* a "spawn" request, validated by parse_request */
+    size_t spec_len;
+    char logdir[256];
+    long long logmax;
+    enum svc_status status;
+    int want;          /* restart it whenever it exits */
+    int start_after;   /* start again once the current process is gone (restart, upsert) */
+    int forget;        /* drop it once the current process is gone (delete) */
+    pid_t pid;
+    long long started_wall, started_ms;
+    int restart_count, failures, last_exit;
+    long long restart_at_ms, restart_at_wall, kill_at_ms;
+    char error[128];
+    int out[2];        /* read ends of stdout, stderr; -1 closed */
+    int logfd[3];      /* combined, stdout, stderr; -1 not open */
+    long long logsize[3];
+};
+
+static struct service services[MAX_SERVICES];
+static char svc_out[MAX_SERVICES * 400 + 1];
+
+static long long wall_s(void)
+{
+    return (long long)time(NULL);
+}
+
+static struct service *svc_find(const char *name)
+{
+    for (int i = 0; i < MAX_SERVICES; i++)
+        if (services[i].used && !strcmp(services[i].name, name))
+            return &services[i];
+    return NULL;
+}
+
+/* Names are [A-Za-z0-9_ -], 1-63 bytes, not starting with a space: safe as a file name and
+ * in the tab-separated list. */
+static int svc_name_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > SVC_NAME_MAX || s[0] == ' ')
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-' || c == ' '))
+            return 0;
+    }
+    return 1;
+}
+
+static const char *const log_suffix[3] = { ".log", ".stdout.log", ".stderr.log" };
+
+static void svc_log_path(struct service *s, int k, char *buf, size_t len, int rotated)
+{
+    snprintf(buf, len, "%s/%s%s%s", s->logdir, s->name, log_suffix[k], rotated ? ".1" : "");
+}
+
+static int svc_open_log(struct service *s, int k)
+{
+    char path[PATH_MAX];
+    svc_log_path(s, k, path, sizeof(path), 0);
+    int flags = O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK;
+    int fd = open(path, flags, 0644);
+    if (fd < 0 && errno == ENOENT && mkdir(s->logdir, 0755) == 0)
+        fd = open(path, flags, 0644);
+    if (fd < 0)
+        return -1;
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return -1;
+    }
+    s->logfd[k] = fd;
+    s->logsize[k] = st.st_size;
+    return 0;
+}
+
+static void svc_close_logs(struct service *s)
+{
+    for (int k = 0; k < 3; k++) {
+        if (s->logfd[k] >= 0)
+            close(s->logfd[k]);
+        s->logfd[k] = -1;
+    }
+}
+
+/* Append to log k; a file that reaches logmax is renamed to FILE.1 and a new one started,
+ * so no file passes logmax (a write is split at the boundary). */
+static void svc_log_write(struct service *s, int k, const char *data, size_t n)
+{
+    for (int rotations = 0; n > 0; ) {
+        if (s->logfd[k] >= 0 && s->logsize[k] >= s->logmax) {
+            char path[PATH_MAX], old[PATH_MAX];
+            svc_log_path(s, k, path, sizeof(path), 0);
+            svc_log_path(s, k, old, sizeof(old), 1);
+            /* bounded: the sprite's root may keep putting big files there */
+            if (++rotations > 4)
+                return;
+            if (rename(path, old) == 0) {
+                close(s->logfd[k]);
+                s->logfd[k] = -1;
+            } else if (ftruncate(s->logfd[k], 0) == 0) {
+                s->logsize[k] = 0;
+            } else {
+                return;
+            }
+        }
+        if (s->logfd[k] < 0 && svc_open_log(s, k) < 0)
+            return;
+        if (s->logsize[k] >= s->logmax)
+            continue; /* an existing file already past the cap: rotate it first */
+        size_t room = (size_t)(s->logmax - s->logsize[k]);
+        size_t part = n < room ? n : room;
+        ssize_t w = write(s->logfd[k], data, part);
+        if (w <= 0)
+            return;
+        s->logsize[k] += w;
+        data += w;
+        n -= (size_t)w;
+    }
+}
+
+static void svc_close_pipe(struct service *s, int i)
+{
+    if (s->out[i] >= 0)
+        close(s->out[i]);
+    s->out[i] = -1;
+}
+
+/* Read what one of the service's pipes holds into its logs; EOF closes the pipe. */
+static void svc_drain(struct service *s, int i)
+{
+    static char chunk[SVC_READ_CHUNK];
+    for (int rounds = 0; rounds < 16 && s->out[i] >= 0; rounds++) {
+        ssize_t n = read(s->out[i], chunk, sizeof(chunk));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (n <= 0) {
+            svc_close_pipe(s, i);
+            return;
+        }
+        svc_log_write(s, 0, chunk, (size_t)n);
+        svc_log_write(s, 1 + i, chunk, (size_t)n);
+    }
+}
+
+static void svc_free(struct service *s)
+{
+    svc_close_pipe(s, 0);
+    svc_close_pipe(s, 1);
+    svc_close_logs(s);
+    free(s->spec);
+    memset(s, 0, sizeof(*s));
+}
+
+/* A crash (or a spawn that failed): wait, then start again. */
+static void svc_schedule_restart(struct service *s)
+{
+    if (now_ms() - s->started_ms >= SVC_STABLE_MS)
+        s->failures = 0;
+    /* the first crash after a stable run restarts at once, then 250 ms, 500 ms, ... */
+    long long delay = s->failures ? SVC_BACKOFF_MIN_MS : 0;
+    for (int i = 1; i < s->failures && delay < SVC_BACKOFF_MAX_MS; i++)
+        delay *= 2;
+    if (delay > SVC_BACKOFF_MAX_MS)
+        delay = SVC_BACKOFF_MAX_MS;
+    s->failures++;
+    s->restart_count++;
+    s->restart_at_ms = now_ms() + delay;
+    s->restart_at_wall = wall_s() + (delay + 999) / 1000;
+    s->status = S_STARTING;
+}
+
+static void svc_spawn(struct service *s)
+{
+    s->restart_at_ms = 0;
+    s->restart_at_wall = 0;
+    /* Output of the previous run still held by a leftover child: keep what is there. */
+    for (int i = 0; i < 2; i++) {
+        svc_drain(s, i);
+        svc_close_pipe(s, i);
+    }
+    for (int k = 0; k < 3; k++)
+        if (s->logfd[k] < 0)
+            svc_open_log(s, k);
+    struct request r;
+    const char *err = parse_request(s->spec, s->spec_len, &r);
+    int fds[3] = { -1, -1, -1 }, pout[2] = { -1, -1 }, perr[2] = { -1, -1 };
+    pid_t pid = -1;
+    if (!err) {
+        fds[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fds[0] < 0 || pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr, O_CLOEXEC) < 0) {
+            err = "pipe";
+        } else {
+            fds[1] = pout[1];
+            fds[2] = perr[1];
+            pid = zygote_spawn(s->spec, s->spec_len, fds, 3);
+            if (pid == 0) {
+                pid = fork();
+                if (pid == 0)
+                    child_exec(&r, fds[0], fds[1], fds[2], -1, 1);
+                if (pid < 0)
+                    err = "fork";
+            }
+        }
+    }
+    int e = errno;
+    free(r.argv);
+    free(r.envp);
+    close_fds(fds, 3);
+    s->started_ms = now_ms();
+    s->started_wall = wall_s();
+    if (err || pid <= 0) {
+        if (pout[0] >= 0)
+            close(pout[0]);
+        if (perr[0] >= 0)
+            close(perr[0]);
+        snprintf(s->error, sizeof(s->error), "cannot start: %s: %s", err ? err : "spawn",
+                 strerror(e));
+        s->pid = 0;
+        svc_schedule_restart(s);
+        prepare_zygote();
+        return;
+    }
+    fcntl(pout[0], F_SETFL, O_NONBLOCK);
+    fcntl(perr[0], F_SETFL, O_NONBLOCK);
+    s->out[0] = pout[0];
+    s->out[1] = perr[0];
+    s->pid = pid;
+    s->status = S_RUNNING;
+    s->error[0] = '\0';
+    prepare_zygote();
+}
+
+/* Ask the current process to end: SIGTERM now, SIGKILL after timeout_ms. */
+static void svc_terminate(struct service *s, long long timeout_ms)
+{
+    s->restart_at_ms = 0;
+    s->restart_at_wall = 0;
+    if (s->pid > 0) {
+        signal_group(s->pid, SIGTERM);
+        s->status = S_STOPPING;
+        s->kill_at_ms = now_ms() + timeout_ms;
+    } else {
+        s->status = S_STOPPED;
+    }
+}
+
+/* The service's process exited with code: what comes next. */
+static void svc_exited(struct service *s, int code)
+{
+    s->pid = 0;
+    s->last_exit = code;
+    s->kill_at_ms = 0;
+    if (s->forget) {
+        for (int i = 0; i < 2; i++)
+            svc_drain(s, i);
+        svc_free(s);
+    } else if (s->start_after) {
+        s->start_after = 0;
+        s->want = 1;
+        svc_spawn(s);
+    } else if (s->want) {
+        snprintf(s->error, sizeof(s->error), "exited with code %d", code);
+        svc_schedule_restart(s);
+    } else {
+        s->status = S_STOPPED;
+    }
+}
+
+/* Timers: restarts that are due, SIGKILLs that are due. Returns ms until the next one
+ * (-1: none). */
+static int svc_tick(void)
+{
+    long long now = now_ms(), next = -1;
+    for (int i = 0; i < MAX_SERVICES; i++) {
+        struct service *s = &services[i];
+        if (!s->used)
+            continue;
+        if (s->restart_at_ms && s->pid <= 0 && s->want) {
+            if (now >= s->restart_at_ms)
+                svc_spawn(s);
+            else if (next < 0 || s->restart_at_ms < next)
+                next = s->restart_at_ms;
+        }
+        if (s->kill_at_ms && s->pid > 0) {
+            if (now >= s->kill_at_ms) {
+                signal_group(s->pid, SIGKILL);
+                s->kill_at_ms = 0;
+            } else if (next < 0 || s->kill_at_ms < next) {
+                next = s->kill_at_ms;
+            }
+        }
+    }
+    if (next < 0)
+        return -1;
+    long long left = next - now_ms();
+    return left < 0 ? 0 : (left > INT_MAX ? INT_MAX : (int)left);
+}
+
+/* Field "key=" of a request (fields from p to end), or NULL. */
+static const char *svc_field(char *p, char *end, const char *key)
+{
+    size_t kl = strlen(key);
+    for (; p < end; p += strlen(p) + 1) {
+        if (!strcmp(p, "spawn"))
+            return NULL; /* the embedded spawn request starts: no more service fields */
+        if (!strncmp(p, key, kl) && p[kl] == '=')
+            return p + kl + 1;
+    }
+    return NULL;
+}
+
+static const char *svc_define(char *buf, size_t len)
+{
+    char *end = buf + len, *first = buf + strlen(buf) + 1;
+    const char *name = svc_field(first, end, "name");
+    const char *start = svc_field(first, end, "start");
+    const char *logdir = svc_field(first, end, "logdir");
+    const char *logmax = svc_field(first, end, "logmax");
+    long long want, max;
+    if (!name || !svc_name_ok(name))
+        return "bad service name";
+    if (!start || parse_num(start, 0, 1, &want))
+        return "bad start";
+    if (!logdir || logdir[0] != '/' || strlen(logdir) >= sizeof(services[0].logdir))
+        return "bad logdir";
+    if (!logmax || parse_num(logmax, 4096, 1LL << 40, &max))
+        return "bad logmax";
+    char *spec = NULL;
+    for (char *p = first; p < end; p += strlen(p) + 1) {
+        if (!strcmp(p, "spawn")) {
+            spec = p;
+            break;
+        }
+    }
+    if (!spec)
+        return "no spawn request";
+    size_t spec_len = (size_t)(end - spec);
+    if (spec_len > SVC_SPEC_MAX)
+        return "definition too large";
+    struct request r;
+    const char *err = parse_request(spec, spec_len, &r);
+    int tty = r.tty;
+    free(r.argv);
+    free(r.envp);
+    if (err)
+        return err;
+    if (tty)
+        return "a service has no terminal";
+    char *copy = malloc(spec_len);
+    if (!copy)
+        return "out of memory";
+    memcpy(copy, spec, spec_len);
+    struct service *s = svc_find(name);
+    if (!s) {
+        for (int i = 0; i < MAX_SERVICES && !s; i++)
+            if (!services[i].used)
+                s = &services[i];
+        if (!s) {
+            free(copy);
+            return "too many services";
+        }
+        memset(s, 0, sizeof(*s));
+        s->used = 1;
+        snprintf(s->name, sizeof(s->name), "%s", name);
+        s->out[0] = s->out[1] = -1;
+        s->logfd[0] = s->logfd[1] = s->logfd[2] = -1;
+        s->last_exit = -1;
+    }
+    free(s->spec);
+    s->spec = copy;
+    s->spec_len = spec_len;
+    if (strcmp(s->logdir, logdir)) {
+        svc_close_logs(s);
+        snprintf(s->logdir, sizeof(s->logdir), "%s", logdir);
+    }
+    s->logmax = max;
+    s->forget = 0;
+    if (want) {
+        s->restart_count = 0;
+        s->failures = 0;
+        if (s->pid > 0) { /* runs the old definition: replace it */
+            s->start_after = 1;
+            svc_terminate(s, 10000);
+        } else {
+            s->want = 1;
+            svc_spawn(s);
+        }
+    }
+    return NULL;
+}
+
+static void svc_list(int fd)
+{
+    size_t off = 0;
+    svc_out[0] = '\0';
+    for (int i = 0; i < MAX_SERVICES; i++) {
+        struct service *s = &services[i];
+        if (!s->used)
+            continue;
+        int n = snprintf(svc_out + off, sizeof(svc_out) - off,
+                         "%s\t%s\t%d\t%lld\t%d\t%lld\t%d\t%s\n", s->name,
+                         svc_status_names[s->status], s->pid > 0 ? (int)s->pid : 0,
+                         s->pid > 0 || s->status != S_STOPPED ? s->started_wall : 0,
+                         s->restart_count, s->restart_at_ms ? s->restart_at_wall : 0,
+                         s->last_exit, s->error);
+        if (n < 0 || (size_t)n >= sizeof(svc_out) - off)
+            break;
+        off += (size_t)n;
+    }
+    send_packet(fd, off ? svc_out : "\n", off ? off : 1, -1);
+}
+
+/* One svc-* request: answer and close the connection. */
+static void handle_service_request(struct conn *c, char *buf, size_t len)
+{
+    const char *err = NULL;
+    if (len == 0 || buf[len - 1] != '\0') {
+        err = "request is not NUL-terminated";
+    } else if (!strcmp(buf, "svc-list")) {
+        svc_list(c->fd);
+        close_conn(c);
+        return;
+    } else if (!strcmp(buf, "svc-define")) {
+        err = svc_define(buf, len);
+    } else if (!strcmp(buf, "svc-quiesce")) {
+        /* The sprite is going down: what exits now stays down (nothing is recorded). */
+        for (int i = 0; i < MAX_SERVICES; i++) {
+            services[i].want = services[i].start_after = 0;
+            services[i].restart_at_ms = 0;
+            if (services[i].used && services[i].pid <= 0)
+                services[i].status = S_STOPPED;
+        }
+    } else {
+        char *end = buf + len, *first = buf + strlen(buf) + 1;
+        const char *name = svc_field(first, end, "name");
+        struct service *s = name ? svc_find(name) : NULL;
+        long long v = 0;
+        if (!s) {
+            err = "no such service";
+        } else if (!strcmp(buf, "svc-start")) {
+            s->forget = 0;
+            s->restart_count = 0;
+            s->failures = 0;
+            if (s->pid > 0 && s->status == S_STOPPING) {
+                s->start_after = 1;
+            } else if (s->pid <= 0) {
+                s->want = 1;
+                svc_spawn(s);
+            } else {
+                s->want = 1;
+            }
+        } else if (!strcmp(buf, "svc-stop") || !strcmp(buf, "svc-delete")) {
+            const char *t = svc_field(first, end, "timeout");
+            if (!t || parse_num(t, 0, 86400000LL, &v)) {
+                err = "bad timeout";
+            } else {
+                s->want = 0;
+                s->start_after = 0;
+                if (!strcmp(buf, "svc-delete"))
+                    s->forget = 1;
+                svc_terminate(s, v);
+                if (s->forget && s->pid <= 0)
+                    svc_free(s);
+            }
+        } else if (!strcmp(buf, "svc-signal")) {
+            const char *sig = svc_field(first, end, "sig");
+            if (!sig || parse_num(sig, 1, NSIG - 1, &v))
+                err = "bad signal";
+            else if (s->pid <= 0)
+                err = "not running";
+            else
+                signal_group(s->pid, (int)v);
+        } else {
+            err = "unknown request";
+        }
+    }
+    if (err)
+        send_text(c->fd, "error %s", err);
+    else
+        send_text(c->fd, "ok");
+    close_conn(c);
+}
+
 _Static_assert(MAX_FDS <= MAX_JOIN, "a message carries at most MAX_JOIN cgroup fds");
 
 /* Replace the workload cgroup fds; takes ownership of fds (they are O_CLOEXEC). */
@@ -745,6 +1271,11 @@ static void handle_conn(struct conn *c)
         send_text(c->fd, "ok");
         close_conn(c);
         prepare_zygote();
+        return;
+    }
+    if (n > 4 && !memcmp(reqbuf, "svc-", 4)) {
+        close_fds(fds, nfds);
+        handle_service_request(c, reqbuf, (size_t)n);
         return;
     }
     handle_request(c, reqbuf, (size_t)n, fds, nfds);
@@ -800,6 +1331,12 @@ static void reap(void)
                 break;
             }
         }
+        for (int i = 0; i < MAX_SERVICES; i++) {
+            if (services[i].used && services[i].pid == pid) {
+                svc_exited(&services[i], code);
+                break;
+            }
+        }
     }
 }
 
@@ -821,6 +1358,9 @@ static void signal_everyone(int sig)
     for (int i = 0; i < MAX_CONNS; i++)
         if (conns[i].state == C_RUNNING)
             signal_group(conns[i].pid, sig);
+    for (int i = 0; i < MAX_SERVICES; i++)
+        if (services[i].used && services[i].pid > 0)
+            signal_group(services[i].pid, sig);
 }
 
 static int listen_on(const char *path)
@@ -902,7 +1442,15 @@ int main(int argc, char **argv)
                 pfd_conn[np++] = i;
             }
         }
-        int timeout = -1;
+        for (int i = 0; i < MAX_SERVICES; i++) {
+            for (int j = 0; j < 2; j++) {
+                if (services[i].used && services[i].out[j] >= 0) {
+                    pfds[np] = (struct pollfd){ .fd = services[i].out[j], .events = POLLIN };
+                    pfd_conn[np++] = MAX_CONNS + 2 * i + j;
+                }
+            }
+        }
+        int timeout = shutting ? -1 : svc_tick();
         if (shutting) {
             long long left = deadline - now_ms();
             timeout = left < 0 ? 0 : (int)left;
@@ -921,6 +1469,8 @@ int main(int argc, char **argv)
                     if ((si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT) && !shutting) {
                         shutting = 1;
                         deadline = now_ms() + TERM_GRACE_MS;
+                        for (int i = 0; i < MAX_SERVICES; i++)
+                            services[i].want = services[i].start_after = 0;
                         signal_everyone(SIGTERM);
                         close(lfd);
                         lfd = -1;
@@ -929,6 +1479,10 @@ int main(int argc, char **argv)
                 reap();
             } else if (pfd_conn[k] == -2) {
                 accept_all(lfd);
+            } else if (pfd_conn[k] >= MAX_CONNS) {
+                int i = (pfd_conn[k] - MAX_CONNS) / 2;
+                if (services[i].used)
+                    svc_drain(&services[i], (pfd_conn[k] - MAX_CONNS) % 2);
             } else {
                 handle_conn(&conns[pfd_conn[k]]);
             }
