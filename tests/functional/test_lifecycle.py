@@ -115,7 +115,8 @@ def test_services_come_back_after_cold_and_keep_their_pid_through_warm(
         life_server: WispServer, make) -> None:  # type: ignore[no-untyped-def]
     make("svc", lifecycle={"warm_after": WARM_AFTER, "cold_after": 0})
     r = life_server.api("PUT", "/v1/sprites/svc/services/ticker?duration=0",
-                        json={"cmd": "sh", "args": ["-c", "while :; do sleep 1; done"]})
+                        json={"cmd": "sh", "args": ["-c", "cat /proc/sys/kernel/random/uuid "
+                                                    "> /tmp/run-id; while :; do sleep 1; done"]})
     assert r.status_code == 200, r.text
 
     def state() -> dict:  # type: ignore[type-arg]
@@ -125,14 +126,21 @@ def test_services_come_back_after_cold_and_keep_their_pid_through_warm(
 
     first = state()
     assert first["status"] == "running"
+    time.sleep(0.5)
+    run_id = sh(life_server, "svc", "cat /tmp/run-id")
     wait_status(life_server, "svc", "warm")  # a running service does not hold it awake
-    assert state()["pid"] == first["pid"]  # thawed, not restarted
+    thawed = state()
+    assert (thawed["status"], thawed["pid"]) == ("running", first["pid"])
+    assert sh(life_server, "svc", "cat /tmp/run-id") == run_id  # thawed, not restarted
     r = life_server.api("POST", "/v1/sprites/svc/sleep", json={"state": "cold"})
     assert r.json()["status"] == "cold"
     # an exec wakes it: the service was started again at boot, a new process
     assert sh(life_server, "svc", "echo up") == b"up\n"
-    after = state()
-    assert after["status"] == "running" and after["pid"] != first["pid"]
+    deadline = time.monotonic() + 10
+    while sh(life_server, "svc", "cat /tmp/run-id") == run_id:
+        assert time.monotonic() < deadline, "the service did not start again after cold"
+        time.sleep(0.2)
+    assert state()["status"] == "running"
 
 
 def test_warm_wake_resumes_the_same_processes(life_server: WispServer, make) -> None:  # type: ignore[no-untyped-def]
