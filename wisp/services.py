@@ -195,6 +195,7 @@ def save(info_dir: Path, defs: dict[str, ServiceDef]) -> None:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o644)
     os.replace(tmp, info_dir / FILE)
+    _http_ports.pop(info_dir / FILE, None)
 
 
 def needs_order(defs: dict[str, ServiceDef]) -> list[ServiceDef]:
@@ -254,8 +255,26 @@ async def http_port(sprites: Sprites, name: str) -> int | None:
     """The `http_port` of sprite `name`'s service that has one (woken first), else None:
     where its URL goes when the host names no port."""
     await sprites.handle(name)
-    defs = await asyncio.to_thread(load, sprites.info_dir(sprites.row(name).id))
-    return next((d.http_port for d in defs.values() if d.http_port is not None), None)
+    path = sprites.info_dir(sprites.row(name).id) / FILE
+    try:  # every URL request asks: answer from the last read while the file is unchanged
+        st = os.stat(path)
+        stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = None
+    cached = _http_ports.get(path)
+    if cached is not None and stamp is not None and cached[0] == stamp:
+        return cached[1]
+    defs = await asyncio.to_thread(load, path.parent)
+    port = next((d.http_port for d in defs.values() if d.http_port is not None), None)
+    if stamp is not None:
+        if len(_http_ports) > 4096:
+            _http_ports.clear()
+        _http_ports[path] = (stamp, port)
+    return port
+
+
+#: services.json path -> ((mtime_ns, size) when read, its http_port).
+_http_ports: dict[Path, tuple[tuple[int, int], int | None]] = {}
 
 
 def _state(d: ServiceDef, st: supervisor.ServiceStatus | None) -> dict[str, Any]:
