@@ -430,6 +430,8 @@ def run(bench: Bench) -> dict[str, float]:
     b.delete(target)
     b.sprite_url()
     b.disk_space()
+    b.wake()
+    b.density()
     return {
         "checkpoint_speedup": statistics.median(naive_cp) / statistics.median(settled_cp),
         "restore_speedup": statistics.median(naive_rs) / statistics.median(settled_rs),
