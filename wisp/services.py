@@ -251,11 +251,13 @@ async def boot(info_dir: Path, handle: SpriteHandle) -> None:
         log.warning("starting the services of sprite %s failed: %s", handle.name, exc)
 
 
-async def http_port(sprites: Sprites, name: str) -> int | None:
-    """The `http_port` of sprite `name`'s service that has one (woken first), else None:
-    where its URL goes when the host names no port."""
-    await sprites.handle(name)
-    path = sprites.info_dir(sprites.row(name).id) / FILE
+async def http_port(sprites: Sprites, row: SpriteRow) -> int | None:
+    """The `http_port` of the sprite's service that has one, else None: where its URL goes
+    when the host names no port. A cold sprite is woken (its disk holds the definitions);
+    a running or warm one is left to the dial that follows, which wakes it."""
+    if sprites.status(row) == "cold":
+        await sprites.handle(row.name)
+    path = sprites.info_dir(row.id) / FILE
     try:  # every URL request asks: answer from the last read while the file is unchanged
         st = os.stat(path)
         stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)

@@ -256,7 +256,7 @@ class UrlProxy:
                 [(b"www-authenticate", b"Bearer")])
             return
         if not target.port_named:
-            target = await self._service_target(target)
+            target = await self._service_target(target, row)
         upstream = self._upstream_headers(scope, target, rest)
         with self.sprites.activity.hold(row.id):  # a relayed request keeps it awake
             if scope["type"] == "http":
@@ -264,13 +264,13 @@ class UrlProxy:
             else:
                 await self._websocket(scope, receive, send, target, upstream, rest)
 
-    async def _service_target(self, target: Target) -> Target:
+    async def _service_target(self, target: Target, row: SpriteRow) -> Target:
         """A host that names no port reaches the service with `http_port`, if the sprite
         has one (docs/services.md); looking it up wakes the sprite, as the dial would."""
         from wisp.services import http_port
 
         try:
-            port = await http_port(self.sprites, target.name)
+            port = await http_port(self.sprites, row)
         except Exception as exc:  # the dial that follows reports what is wrong
             log.info("looking up the HTTP service of %s failed: %s", target.name, exc)
             return target
