@@ -260,18 +260,17 @@ async def http_port(sprites: Sprites, row: SpriteRow) -> int | None:
     path = sprites.info_dir(row.id) / FILE
     try:  # every URL request asks: answer from the last read while the file is unchanged
         st = os.stat(path)
-        stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        stamp = None
+        stamp = (st.st_mtime_ns, st.st_size)
+    except FileNotFoundError:  # no services: the common case, also answered from here
+        stamp = (0, -1)
     cached = _http_ports.get(path)
-    if cached is not None and stamp is not None and cached[0] == stamp:
+    if cached is not None and cached[0] == stamp:
         return cached[1]
     defs = await asyncio.to_thread(load, path.parent)
     port = next((d.http_port for d in defs.values() if d.http_port is not None), None)
-    if stamp is not None:
-        if len(_http_ports) > 4096:
-            _http_ports.clear()
-        _http_ports[path] = (stamp, port)
+    if len(_http_ports) > 4096:
+        _http_ports.clear()
+    _http_ports[path] = (stamp, port)
     return port
 
 
