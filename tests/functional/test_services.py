@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from sprites.exceptions import APIError
 
+from tests.framework.poll import wait_for
 from tests.framework.server import WispServer
 
 SLEEPER = ["-c", "echo up; exec sleep 1000"]
@@ -21,16 +21,6 @@ def sh(sprite, script: str) -> bytes:  # type: ignore[no-untyped-def]
     return sprite.command("sh", "-c", script).output()
 
 
-def wait_for(what: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll `what` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def events(response) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]

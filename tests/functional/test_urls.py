@@ -180,6 +180,26 @@ def test_websocket_echo(url_server: WispServer, url_sprites) -> None:
         assert ws.close_code == 4001
 
 
+def _request_that_wakes(url_server: WispServer, name: str, sprite) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """A URL request to a cold sprite, from another thread: once the request has woken it,
+    start its HTTP server (the request is held meanwhile); the request's status and text."""
+    result: dict[str, object] = {}
+
+    def request() -> None:
+        r = url_get(url_server, host(url_server, name), "/index.html", token=url_server.token)
+        result.update(status=r.status_code, text=r.text)
+
+    waiter = threading.Thread(target=request)
+    waiter.start()
+    deadline = time.monotonic() + URL_WAKE_TIMEOUT
+    while url_server.api("GET", f"/v1/sprites/{name}").json()["status"] != "running":
+        assert time.monotonic() < deadline, "the URL request did not wake the sprite"
+        time.sleep(0.05)
+    start_http_server(sprite)
+    waiter.join(60)
+    return result
+
+
 def test_cold_sprite_is_woken_and_held(url_server: WispServer, url_sprites) -> None:
     """After a server restart the sprite is cold; a URL request boots it and is held
     until the port answers (here: a server started in the sprite while the request
@@ -189,24 +209,8 @@ def test_cold_sprite_is_woken_and_held(url_server: WispServer, url_sprites) -> N
     client = SpritesClient(url_server.token, base_url=url_server.url)
     try:
         assert url_server.api("GET", f"/v1/sprites/{name}").json()["status"] == "cold"
-        result: dict[str, object] = {}
-
-        def request() -> None:
-            t = time.monotonic()
-            r = url_get(url_server, host(url_server, name), "/index.html",
-                        token=url_server.token)
-            result.update(status=r.status_code, text=r.text, took=time.monotonic() - t)
-
-        waiter = threading.Thread(target=request)
-        waiter.start()
-        deadline = time.monotonic() + URL_WAKE_TIMEOUT
-        while url_server.api("GET", f"/v1/sprites/{name}").json()["status"] != "running":
-            assert time.monotonic() < deadline, "the URL request did not wake the sprite"
-            time.sleep(0.05)
-        start_http_server(client.sprite(name))
-        waiter.join(60)
-        assert result["status"] == 200, result
-        assert result["text"] == f"hello from {name}\n"
+        result = _request_that_wakes(url_server, name, client.sprite(name))
+        assert result == {"status": 200, "text": f"hello from {name}\n"}, result
     finally:
         client.close()
 
@@ -228,21 +232,7 @@ def test_url_wakes_a_warm_and_a_cold_sprite(url_server: WispServer, url_sprites)
     assert url_server.api("GET", f"/v1/sprites/{name}").json()["status"] == "running"
     r = url_server.api("POST", f"/v1/sprites/{name}/sleep", json={"state": "cold"})
     assert r.json()["status"] == "cold"
-    result: dict[str, object] = {}
-
-    def request() -> None:
-        r = url_get(url_server, host(url_server, name), "/index.html", token=url_server.token)
-        result.update(status=r.status_code, text=r.text)
-
-    waiter = threading.Thread(target=request)
-    waiter.start()
-    deadline = time.monotonic() + URL_WAKE_TIMEOUT
-    while url_server.api("GET", f"/v1/sprites/{name}").json()["status"] != "running":
-        assert time.monotonic() < deadline, "the URL request did not wake the sprite"
-        time.sleep(0.05)
-    start_http_server(sprite)
-    waiter.join(60)
-    assert result == {"status": 200, "text": want}
+    assert _request_that_wakes(url_server, name, sprite) == {"status": 200, "text": want}
 
 
 def test_nothing_listening_is_a_502_page(url_server: WispServer, url_sprites) -> None:

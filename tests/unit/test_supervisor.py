@@ -8,13 +8,14 @@ import random
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.framework.container import BusyboxSprite, build_init, busybox_sprite
+from tests.framework.poll import wait_for
 from wisp.runtime import agent, supervisor
 from wisp.runtime.base import SpriteHandle
 
@@ -60,15 +61,6 @@ def status(h: SpriteHandle, name: str) -> supervisor.ServiceStatus | None:
     return run(supervisor.status(h.agent_socket)).get(name)  # type: ignore[no-any-return]
 
 
-def wait_for(what: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def log(h: SpriteHandle, file: str) -> bytes:

@@ -295,6 +295,19 @@ async def _send(sock: socket.socket, data: bytes, fds: Sequence[int] = (),
             await waiter.wait()
 
 
+def _fit_send_buffer(conn: socket.socket, size: int) -> None:
+    """A SEQPACKET message must fit the send buffer whole; root may raise it past
+    wmem_max (SO_SNDBUFFORCE). Small requests fit the default."""
+    if size <= 200_000:
+        return
+    for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, opt, size + 65536)
+            return
+        except OSError:
+            continue
+
+
 async def _connect(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
@@ -414,14 +427,7 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
     except (TimeoutError, OSError):
         raise SpriteUnresponsive("the sprite's init agent cannot be reached"
                                  + _RESTART_HINT) from None
-    if len(request) > 200_000:
-        # A packet must fit the send buffer; root may raise it past wmem_max.
-        for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
-            try:
-                conn.setsockopt(socket.SOL_SOCKET, opt, len(request) + 65536)
-                break
-            except OSError:
-                continue
+    _fit_send_buffer(conn, len(request))
     mine: list[int] = []   # host ends we keep
     theirs: list[int] = []  # child ends, closed once sent
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from wisp.runtime.agent import (
     MAX_REQUEST,
     _connect,
     _encode_request,
+    _fit_send_buffer,
     _send,
 )
 
@@ -68,13 +68,7 @@ async def _call(sock: Path, fields: Sequence[bytes], size: int = 4096) -> bytes:
     except (TimeoutError, OSError):
         raise SpriteUnresponsive("the sprite's init agent cannot be reached") from None
     try:
-        if len(request) > 200_000:
-            for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
-                try:
-                    conn.setsockopt(socket.SOL_SOCKET, opt, len(request) + 65536)
-                    break
-                except OSError:
-                    continue
+        _fit_send_buffer(conn, len(request))
         await asyncio.wait_for(_send(conn, request), ANSWER_TIMEOUT)
         loop = asyncio.get_running_loop()
         reply = await asyncio.wait_for(loop.sock_recv(conn, size), ANSWER_TIMEOUT)
