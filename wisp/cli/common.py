@@ -129,6 +129,14 @@ def resolve_sprite(value: str | None) -> str:
         f"(writes {SPRITE_FILE} here)")
 
 
+def resolve_named_sprite(name: str | None, sprite: str | None) -> str:
+    """A verb that takes the sprite as NAME or as -s NAME: the one given (both must
+    agree), else `resolve_sprite`'s default."""
+    if name and sprite and name != sprite:
+        raise click.UsageError(f"two sprites given: {name} and -s {sprite}")
+    return resolve_sprite(name or sprite)
+
+
 def context_name_callback(ctx: click.Context, param: click.Parameter,
                           value: str | None) -> str | None:
     """Click callback: a context name as `wisp.client` accepts it, else a usage error."""

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import click
 
-from wisp.cli.common import State, json_option, resolve_sprite, sprite_option
+from wisp.cli.common import (
+    State,
+    json_option,
+    resolve_named_sprite,
+    resolve_sprite,
+    sprite_option,
+)
 
 __all__ = ["sleep", "tasks"]
-
-
-def _target(name: str | None, sprite: str | None) -> str:
-    if name and sprite and name != sprite:
-        raise click.UsageError(f"two sprites given: {name} and -s {sprite}")
-    return resolve_sprite(name or sprite)
 
 
 @click.command()
@@ -28,7 +28,7 @@ def sleep(state: State, name: str | None, sprite: str | None, cold: bool,
 
     Any later call that needs the sprite wakes it. NAME, or -s NAME, or the selected
     sprite."""
-    reply = state.client().sleep_sprite(_target(name, sprite), cold=cold)
+    reply = state.client().sleep_sprite(resolve_named_sprite(name, sprite), cold=cold)
     if as_json:
         from wisp.cli.output import print_json
 
@@ -51,7 +51,7 @@ def tasks_list(state: State, name: str | None, sprite: str | None, as_json: bool
     """The sprite's live tasks (set here or by files in its /run/sprite/tasks/)."""
     from wisp.cli.output import print_json, print_table
 
-    found = state.client().list_tasks(_target(name, sprite))
+    found = state.client().list_tasks(resolve_named_sprite(name, sprite))
     if as_json:
         print_json(found)
     else:
@@ -69,7 +69,7 @@ def tasks_list(state: State, name: str | None, sprite: str | None, as_json: bool
 @click.pass_obj
 def tasks_hold(state: State, task: str, sprite: str | None, ttl: str, as_json: bool) -> None:
     """Hold the sprite (-s NAME, or the selected one) awake as TASK, waking it."""
-    reply = state.client().set_task(_target(None, sprite), task, ttl)
+    reply = state.client().set_task(resolve_sprite(sprite), task, ttl)
     if as_json:
         from wisp.cli.output import print_json
 
@@ -84,5 +84,5 @@ def tasks_hold(state: State, task: str, sprite: str | None, ttl: str, as_json: b
 @click.pass_obj
 def tasks_release(state: State, task: str, sprite: str | None) -> None:
     """Release TASK (set through the API) on the sprite (-s NAME, or the selected one)."""
-    state.client().delete_task(_target(None, sprite), task)
+    state.client().delete_task(resolve_sprite(sprite), task)
     click.echo(f"task {task} released")

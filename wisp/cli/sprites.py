@@ -13,6 +13,7 @@ from wisp.cli.common import (
     fail,
     find_sprite_file,
     json_option,
+    resolve_named_sprite,
     resolve_sprite,
     sprite_option,
 )
@@ -149,9 +150,7 @@ def restart(state: State, name: str | None, sprite: str | None, as_json: bool) -
 
     The last resort for a wedged sprite: open exec and console sessions end too. NAME, or
     -s NAME, or the selected sprite."""
-    if name and sprite and name != sprite:
-        raise click.UsageError(f"two sprites given: {name} and -s {sprite}")
-    target = resolve_sprite(name or sprite)
+    target = resolve_named_sprite(name, sprite)
     reply = state.client().restart_sprite(target)
     if as_json:
         from wisp.cli.output import print_json
