@@ -68,6 +68,9 @@ class _Live:
     #: "running"; "warm": every process frozen by the cgroup freezer, the disk synced;
     #: "stopping": being torn down (`_stop`), shown as running until it is gone.
     state: str = "running"
+    #: (warm_after, cold_after) of its record (`Sprites.idle_timers`), kept here so that
+    #: the sleeper's twice-a-second check reads no database.
+    timers: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -290,7 +293,7 @@ class Sprites:
         handle = SpriteHandle(name=row.name, rootfs=self.rootfs_dir(row.id),
                               agent_socket=self.runtime.agent_socket(row.id),
                               env=tuple(sorted(row.environment.items())))
-        self._live[row.id] = _Live(handle, warm.init_pid)
+        self._live[row.id] = _Live(handle, warm.init_pid, timers=self.idle_timers(row))
         self.activity.touch(row.id)
         self.store.update_sprite(row.id, last_running_at=now())
 
@@ -463,7 +466,11 @@ class Sprites:
                              "or lifecycle")
         fields["updated_at"] = now()
         self.store.update_sprite(row.id, **fields)
-        return self.row(name)
+        row = self.row(name)
+        live = self._live.get(row.id)
+        if live is not None:
+            live.timers = self.idle_timers(row)
+        return row
 
     async def upgrade(self, name: str) -> SpriteRow:
         """Move the sprite onto the newest build of its base image, keeping its disk."""
@@ -532,8 +539,7 @@ class Sprites:
         live = self._live.get(row.id)
         if live is not None and pid_alive(live.init_pid):
             if live.state == "warm":
-                await self.runtime.resume(row.id)
-                live.state = "running"
+                await self._thaw(row.id, live)
                 self.store.update_sprite(row.id, last_running_at=now())
             self.activity.touch(row.id)
             return live.handle
@@ -566,7 +572,7 @@ class Sprites:
         handle = SpriteHandle(name=row.name, rootfs=rootfs,
                               agent_socket=self.runtime.agent_socket(row.id),
                               env=tuple(sorted(row.environment.items())))
-        self._live[row.id] = _Live(handle, pid)
+        self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
         self.activity.touch(row.id)
         self.store.update_sprite(row.id, last_running_at=now())
         await services.boot(self.info_dir(row.id), handle)  # in `needs` order; never raises
@@ -614,30 +620,26 @@ class Sprites:
         for sprite_id in sprite_ids:
             live = self._live.get(sprite_id)
             if live is not None and live.state == "warm":
-                await self.runtime.resume(sprite_id)
-                live.state = "running"
+                await self._thaw(sprite_id, live)
         await self.runtime.terminate(sprite_ids, self.config.stop_grace)
+
+    async def _thaw(self, sprite_id: str, live: _Live) -> None:
+        await self.runtime.resume(sprite_id)
+        live.state = "running"
 
     def sleep_candidates(self) -> list[tuple[str, str]]:
         """(sprite id, "warm" or "cold") for every live sprite idle past a timer."""
-        out = []
-        for sprite_id, live in list(self._live.items()):
-            row = self.store.sprite(sprite_id)
-            if row is None or row.state != "ready":
-                continue
-            target = self._due(row, live)
-            if target is not None:
-                out.append((sprite_id, target))
-        return out
+        return [(sprite_id, target) for sprite_id, live in list(self._live.items())
+                if (target := self._due(sprite_id, live)) is not None]
 
-    def _due(self, row: SpriteRow, live: _Live) -> str | None:
+    def _due(self, sprite_id: str, live: _Live) -> str | None:
         """The state the sprite should go to now, judged by its activity (sessions and
         API tasks included; its task files are read only under the lock)."""
-        if self.sessions.active(row.name) or self.activity.tasks(row.id):
-            self.activity.touch(row.id)
+        if self.sessions.active(live.handle.name) or self.activity.tasks(sprite_id):
+            self.activity.touch(sprite_id)
             return None
-        idle = self.activity.idle_for(row.id)
-        warm_after, cold_after = self.idle_timers(row)
+        idle = self.activity.idle_for(sprite_id)
+        warm_after, cold_after = live.timers
         if cold_after and idle >= cold_after:
             return "cold"
         if live.state == "running" and warm_after and idle >= warm_after:
@@ -652,7 +654,7 @@ class Sprites:
             live = self._live.get(sprite_id)
             if row is None or row.state != "ready" or live is None:
                 return
-            if self._due(row, live) != target:
+            if self._due(sprite_id, live) != target:
                 return
             if await asyncio.to_thread(self._task_files, sprite_id):
                 self.activity.touch(sprite_id)
