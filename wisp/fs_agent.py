@@ -167,6 +167,21 @@ def _send_error(sock: socket.socket, err: OpError) -> None:
     _send_json(sock, {"ok": False, "code": err.code, "error": err.message, "path": err.path})
 
 
+def _refuse(sock: socket.socket, err: OpError) -> None:
+    """Reply with an error before serving: read the request to its end first.
+
+    Closing a Unix socket with unread bytes in its queue resets the peer, and the server's
+    event loop drops a connection whose write failed before reading what had arrived, so
+    an early error sent without the drain was often lost ("ended without a reply").
+    """
+    try:
+        while _recv_frame(sock)[0] != b"E":
+            pass
+    except (OSError, EOFError, struct.error):
+        return  # the server went away or sent garbage: nobody reads a reply
+    _send_error(sock, err)
+
+
 # --------------------------------------------------------------------------------- entries
 
 def _rfc3339(ts: float) -> str:
@@ -839,15 +854,14 @@ def _worker(setup: dict[str, Any], conn: socket.socket, userns: int, cap_last: i
                 raise OSError(errno.EIO, "the sprite's root filesystem is not mounted")
     except OSError as exc:
         # never the host path of the root: the reply goes to the client
-        _send_error(conn, OpError("EIO", f"the sprite's root filesystem: {exc.strerror}",
-                                  None))
+        _refuse(conn, OpError("EIO", f"the sprite's root filesystem: {exc.strerror}", None))
         return 1
     try:
         _check(_libc.setns(userns, CLONE_NEWUSER), "setns")
         os.close(userns)
         _confine(setup, root_fd, cap_last)
     except OSError as exc:
-        _send_error(conn, OpError("EIO", f"entering the sprite: {exc}", None))
+        _refuse(conn, OpError("EIO", f"entering the sprite: {exc}", None))
         return 1
     _serve(conn)
     return 0

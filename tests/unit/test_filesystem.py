@@ -661,16 +661,19 @@ def test_as_root_is_confined_to_the_sprite_ids(sprite: Sprite) -> None:
 
 def test_plain_directory_is_refused_when_a_mount_is_required(tmp_path: Path) -> None:
     """By default the agent refuses a sprite root that is not a mount point (a stopped
-    sprite's empty mount directory), with 500 EIO, and creates nothing there."""
+    sprite's empty mount directory), with 500 EIO, and creates nothing there. The refusal
+    arrives whole even when the request body is still being sent (it used to be lost as
+    "the fs agent ended without a reply" when the agent closed with the body unread)."""
     root = _mkdir(tmp_path / "rootfs", ROOT)
     fs = Filesystem()
     srv = Server(fs)
     srv.handles["plain"] = SpriteHandle(name="plain", rootfs=root, agent_socket=tmp_path / "x")
     try:
         with srv, httpx.Client(timeout=30) as http:
-            r = http.put(f"{srv.url}/v1/sprites/plain/fs/write",
-                         params={"path": "/x", "asRoot": "true"}, content=b"x")
-            assert _err(r) == (500, "EIO") and "not mounted" in r.json()["error"]
+            for size in (1, 4 << 20):
+                r = http.put(f"{srv.url}/v1/sprites/plain/fs/write",
+                             params={"path": "/x", "asRoot": "true"}, content=b"x" * size)
+                assert _err(r) == (500, "EIO") and "not mounted" in r.json()["error"], size
     finally:
         fs.close()
     assert list(root.iterdir()) == []
