@@ -10,6 +10,8 @@ on connections (docs/security.md, "Limits"):
     header_timeout = 10.0     # seconds from connect to a complete request head
     keep_alive_timeout = 5.0  # seconds an idle keep-alive connection stays open
     max_connections = 1024    # open HTTP and WebSocket connections; more get 503 at once
+    stop_sprites = false      # true: stopping the server stops every sprite, and a start
+                              # clears what a killed server left (docs/lifecycle.md)
 
     [storage]
     metadata = "redis://127.0.0.1:6379/1"      # or postgres://..., sqlite3://...
@@ -45,7 +47,7 @@ on connections (docs/security.md, "Limits"):
 
 Env vars override the file: WISP_DATA_DIR, WISP_LISTEN, WISP_TOKEN, WISP_IMAGES_DIR,
 WISP_IMAGE, WISP_WARM_POOL, WISP_STOP_GRACE, WISP_CHECKPOINT_MAX_BYTES, WISP_HEADER_TIMEOUT,
-WISP_KEEP_ALIVE_TIMEOUT, WISP_MAX_CONNECTIONS, WISP_UPLINK, WISP_SUBNET,
+WISP_KEEP_ALIVE_TIMEOUT, WISP_MAX_CONNECTIONS, WISP_STOP_SPRITES (1/0), WISP_UPLINK, WISP_SUBNET,
 WISP_DNS_UPSTREAM (comma separated), WISP_URL_DOMAIN, WISP_URL_WAKE_TIMEOUT.
 """
 
@@ -145,6 +147,10 @@ class Config:
     #: Open HTTP and WebSocket connections at once; one more is answered 503 and closed at
     #: once. Lowered at start if the process cannot have enough file descriptors.
     max_connections: int = 1024
+    #: False (default): stopping or losing the server leaves running sprites running, and
+    #: the next start adopts them. True: a stop ends every sprite and a start clears what a
+    #: killed server left, as before sprites outlived their server.
+    stop_sprites: bool = False
     org: str = "wisp"
     images_path: Path | None = None  # default: <data_dir>/images
 
@@ -274,6 +280,10 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
     for key in ("header_timeout", "keep_alive_timeout", "max_connections"):
         if key in server:
             setattr(cfg, key, server[key])
+    if "stop_sprites" in server:
+        if not isinstance(server["stop_sprites"], bool):
+            raise BadRequest("config: server.stop_sprites must be true or false")
+        cfg.stop_sprites = server["stop_sprites"]
     for key in ("metadata", "storage", "bucket", "access_key", "secret_key", "writeback",
                 "cache_size_mb", "volume_name", "reclaim_interval"):
         if key in storage:
@@ -319,6 +329,10 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.image = env["WISP_IMAGE"]
     if env.get("WISP_WARM_POOL"):
         cfg.warm_pool = int(env["WISP_WARM_POOL"])
+    if env.get("WISP_STOP_SPRITES"):
+        if env["WISP_STOP_SPRITES"] not in ("0", "1"):
+            raise BadRequest("config: WISP_STOP_SPRITES must be 1 or 0")
+        cfg.stop_sprites = env["WISP_STOP_SPRITES"] == "1"
     if env.get("WISP_STOP_GRACE"):
         cfg.stop_grace = float(env["WISP_STOP_GRACE"])
     for key in ("warm_after", "cold_after"):

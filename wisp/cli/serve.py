@@ -26,9 +26,16 @@ __all__ = ["serve"]
               show_envvar=True, callback=context_name_callback,
               help="Name to register this server under in ~/.config/wisp/client.json "
                    "[default: local for /var/lib/wisp, else the data dir's folder name].")
+@click.option("--stop-sprites", is_flag=True, default=None,
+              help="Stopping this server stops every sprite, and its start clears what a "
+                   "killed server left [default: sprites outlive the server and the next "
+                   "start adopts them; $WISP_STOP_SPRITES, [server] stop_sprites].")
 def serve(data_dir: Path | None, listen: str | None, config_file: Path | None,
-          context_name: str | None) -> None:
+          context_name: str | None, stop_sprites: bool | None) -> None:
     """Run the Wisp API server (as root) until interrupted.
+
+    Running sprites outlive the server: stop it (SIGTERM, Ctrl-C) for an upgrade and the
+    next `wisp serve` on the same data dir adopts them, sessions included.
 
     On start it registers the API URL and token as a context in
     ~/.config/wisp/client.json (current unless another context is), so `wisp` on this
@@ -40,4 +47,6 @@ def serve(data_dir: Path | None, listen: str | None, config_file: Path | None,
     if context_name is not None:  # read by wisp.client.announce_server
         os.environ["WISP_SERVE_CONTEXT"] = context_name
 
+    if stop_sprites:  # the strongest source, like the other options
+        os.environ["WISP_STOP_SPRITES"] = "1"
     run_server(data_dir=data_dir, listen=listen, config_file=config_file)
