@@ -10,6 +10,7 @@ to run sprites (503) instead of letting I/O hang on a dead FUSE connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -92,6 +93,77 @@ def _settle_cache(cache: Path) -> bool:
     return False
 
 
+class _Daemon:
+    """The `juicefs mount` process: our child, or one an earlier server process started
+    and left serving (adopted). Watched through a pidfd either way.
+
+    Not an asyncio subprocess: asyncio kills a child it still runs when its transport is
+    collected, which at a server's exit would take the mount from sprites that outlive
+    the server.
+    """
+
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid = pid
+        self.popen = popen
+        self.pidfd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    @property
+    def running(self) -> bool:
+        if self.returncode is not None:
+            return False
+        if self.popen is not None and self.popen.poll() is not None:
+            self.returncode = self.popen.returncode
+            return False
+        return process_running(self.pid)
+
+    async def wait(self) -> int | None:
+        """Until it exits: its exit status if it was our child, else None."""
+        loop = asyncio.get_running_loop()
+        while self.running:
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def exited(ready: asyncio.Future[None] = ready) -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(self.pidfd, exited)
+            try:
+                await asyncio.wait_for(ready, 1.0)  # also polls: an adopted zombie
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(self.pidfd)
+        if self.popen is not None:
+            self.returncode = self.popen.wait()
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def release(self) -> None:
+        """Stop watching; the process runs on."""
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+        self.pidfd = -1
+
+
+def _mount_daemon(pid_file: Path) -> int | None:
+    """The pid of the `juicefs mount` process a server on this data dir started, from the
+    pid file it wrote, if that process still runs the juicefs binary with /dev/fuse open.
+    (Its command line cannot tell: juicefs rewrites it, cut to the original's length.)"""
+    try:
+        pid = int(pid_file.read_text())
+        exe = os.readlink(f"/proc/{pid}/exe")
+        fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except (OSError, ValueError):
+        return None
+    if os.path.basename(exe) == "juicefs" and "/dev/fuse" in fds and process_running(pid):
+        return pid
+    return None
+
+
 class Volume:
     """Format, mount, supervise and unmount the JuiceFS volume described by `config`."""
 
@@ -101,7 +173,7 @@ class Volume:
         self.mount_point = config.mount_point
         self.bin = juicefs_binary()
         self.on_lost = on_lost
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: _Daemon | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -110,13 +182,17 @@ class Volume:
     def available(self) -> bool:
         """Asked of the system: our child is alive and the FUSE mount is in place."""
         # the process is asked directly: asyncio learns of its death only a loop turn later
-        return (self._proc is not None and self._proc.returncode is None
-                and process_running(self._proc.pid) and is_mountpoint(self.mount_point, FSTYPE))
+        return (self._proc is not None and self._proc.running
+                and is_mountpoint(self.mount_point, FSTYPE))
 
     def require(self) -> None:
         if not self.available:
             raise StorageUnavailable("storage (JuiceFS) is not mounted; sprites cannot run "
                                      "until it is back")
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.config.run_dir / "juicefs.pid"
 
     def path(self, *parts: str) -> Path:
         return self.mount_point.joinpath(*parts)
@@ -161,12 +237,37 @@ class Volume:
             env["SECRET_KEY"] = cfg.storage.secret_key
         await run(*args, timeout=120, env=self._meta_env(env))
 
-    async def start(self) -> None:
-        """Format if needed, clear an orphaned mount, mount, and supervise the child."""
+    async def adoptable(self) -> bool:
+        """Whether an earlier server process left the volume mounted and answering, with
+        its `juicefs mount` process running: its sprites can run on."""
+        if not is_mountpoint(self.mount_point, FSTYPE):
+            log.debug("not adoptable: no juicefs mount at %s", self.mount_point)
+            return False
+        if _mount_daemon(self._pid_file) is None:
+            log.info("not adoptable: no juicefs process for it")
+            return False
+        try:  # a dead FUSE connection answers ENOTCONN; a hung one not at all
+            await asyncio.wait_for(asyncio.to_thread(os.statvfs, self.mount_point), 5)
+        except (OSError, TimeoutError) as exc:
+            log.info("not adoptable: %r", exc)
+            return False
+        return True
+
+    async def start(self, adopt: bool = False) -> None:
+        """Format if needed, clear an orphaned mount, mount, and supervise the child.
+        `adopt`: keep a live mount an earlier server process left (`adoptable`) and
+        supervise its process instead."""
         self._stopping = False
-        await self.format()
-        self.release_orphan()
-        await self._mount()
+        pid = None
+        if adopt and await self.adoptable():
+            pid = _mount_daemon(self._pid_file)
+        if pid is not None:
+            self._proc = _Daemon(pid)
+            log.info("juicefs at %s adopted (pid %s)", self.mount_point, pid)
+        else:
+            await self.format()
+            self.release_orphan()
+            await self._mount()
         self._supervisor = asyncio.create_task(self._supervise(), name="juicefs-supervisor")
 
     async def _mount(self) -> None:
@@ -193,19 +294,20 @@ class Volume:
                "JFS_SUPERVISOR": str(os.getpid())}
         logf = open(cfg.run_dir / "juicefs.out", "ab")
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True, env=self._meta_env(env))
+            popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                     start_new_session=True, env=self._meta_env(env))
         finally:
             logf.close()
-        _protect_from_oom(self._proc.pid)  # juicefs's own supervisor did this for itself
+        self._proc = _Daemon(popen.pid, popen)
+        self._pid_file.write_text(f"{popen.pid}\n")
+        _protect_from_oom(popen.pid)  # juicefs's own supervisor did this for itself
         deadline = time.monotonic() + 30
         while not is_mountpoint(self.mount_point, FSTYPE):
-            if self._proc.returncode is not None or time.monotonic() > deadline:
+            if not self._proc.running or time.monotonic() > deadline:
                 tail = (cfg.run_dir / "juicefs.out").read_text(errors="replace")[-800:]
-                if self._proc.returncode is None:
+                if self._proc.running:
                     self._proc.kill()
-                    await self._proc.wait()
+                await self._proc.wait()
                 raise SystemError_(f"juicefs mount failed: {tail}")
             await asyncio.sleep(0.02)
         log.info("juicefs mounted at %s (pid %s)", self.mount_point, self._proc.pid)
@@ -215,11 +317,10 @@ class Volume:
         backoff = 0.5
         while not self._stopping:
             assert self._proc is not None
-            await self._proc.wait()
+            code = await self._proc.wait()
             if self._stopping:
                 return
-            log.error("juicefs exited with %s; stopping sprites and remounting",
-                      self._proc.returncode)
+            log.error("juicefs exited with %s; stopping sprites and remounting", code)
             if self.on_lost is not None:
                 try:
                     await self.on_lost()
@@ -249,8 +350,9 @@ class Volume:
         if res.returncode != 0 and is_mountpoint(self.mount_point):
             run_sync("umount", "-l", self.mount_point, check=False)
 
-    async def stop(self) -> None:
-        """Flush the writeback cache and unmount; then make sure the child is gone."""
+    async def stop(self, keep: bool = False) -> None:
+        """Flush the writeback cache and unmount; then make sure the child is gone.
+        `keep`: sprites run on without this server: leave the mount and its process."""
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -260,11 +362,16 @@ class Volume:
                 pass
             self._supervisor = None
         proc = self._proc
-        if proc is not None and proc.returncode is None and not is_mountpoint(
+        if keep:
+            if proc is not None:
+                proc.release()
+            self._proc = None
+            return
+        if proc is not None and proc.running and not is_mountpoint(
                 self.mount_point, FSTYPE):
             # a (re)mount was in flight when we were cancelled: let it land, then undo it
             for _ in range(100):
-                if is_mountpoint(self.mount_point, FSTYPE) or proc.returncode is not None:
+                if is_mountpoint(self.mount_point, FSTYPE) or not proc.running:
                     break
                 await asyncio.sleep(0.05)
         if is_mountpoint(self.mount_point):
@@ -273,12 +380,14 @@ class Volume:
             if res.returncode != 0:
                 log.warning("juicefs umount failed: %s", res.stderr.decode(errors="replace"))
                 await run("umount", "-l", self.mount_point, check=False)
-        if proc is not None and proc.returncode is None:
+        if proc is not None and proc.running:
             try:
                 await asyncio.wait_for(proc.wait(), 10)
             except TimeoutError:
-                proc.send_signal(signal.SIGKILL)
+                proc.kill()
                 await proc.wait()
+        if proc is not None:
+            proc.release()
         self._proc = None
 
     # -- operations -----------------------------------------------------------------------
