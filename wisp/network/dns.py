@@ -99,17 +99,23 @@ class Resolver:
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Bind a free port, the same for UDP and TCP (the firewall redirects to it)."""
+    async def start(self, port: int = 0) -> None:
+        """Bind a free port, the same for UDP and TCP (the firewall redirects to it); with
+        `port`, exactly that one (a restarted server keeps its predecessor's firewall,
+        which redirects there) or OSError."""
         loop = asyncio.get_running_loop()
-        for _ in range(20):
+        for _ in range(20 if port == 0 else 1):
             tcp_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp_sock.bind(("0.0.0.0", 0))
-            port = tcp_sock.getsockname()[1]
+            try:
+                tcp_sock.bind(("0.0.0.0", port))
+            except OSError:
+                tcp_sock.close()
+                raise
+            bound = tcp_sock.getsockname()[1]
             udp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
-                udp_sock.bind(("0.0.0.0", port))
+                udp_sock.bind(("0.0.0.0", bound))
             except OSError:
                 tcp_sock.close()
                 udp_sock.close()
@@ -117,6 +123,7 @@ class Resolver:
             break
         else:
             raise OSError("no free port for the sprites' resolver")
+        port = bound
         self.port = port
         transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp_sock)
         self._udp = transport

@@ -67,8 +67,23 @@ class Egress:
         self._conntrack = shutil.which("conntrack")
 
     # -- sprites come and go --------------------------------------------------------------
-    def add(self, address: str, sprite_id: str, slot: int, netns_name: str) -> None:
-        self._by_addr[address] = _Sprite(sprite_id, slot, netns_name)
+    def add(self, address: str, sprite_id: str, slot: int, netns_name: str, *,
+            enforced: bool = False) -> None:
+        """`enforced`: its set, chain and map element exist already (an adopted sprite)."""
+        self._by_addr[address] = _Sprite(sprite_id, slot, netns_name, enforced=enforced)
+
+    async def adopt(self, address: str, policy: Policy) -> None:
+        """The policy of a sprite whose kernel state an earlier server made. What it
+        looked up then stays allowed in the kernel until its TTL; this process does not
+        know the names behind those addresses, so a later policy change forgets them (the
+        sprite looks them up again)."""
+        sprite = self._by_addr.get(address)
+        if sprite is None:
+            return
+        sprite.policy = policy
+        if policy.open != sprite.enforced:
+            return  # the kernel agrees: open and not policed, or policed
+        await self.set_policy(address, policy)
 
     def remove(self, address: str) -> None:
         """Forget the sprite and remove its set, chain and map element."""

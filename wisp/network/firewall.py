@@ -23,8 +23,12 @@ a subnet no `wisp_*` table holds (`Network.start`).
 from __future__ import annotations
 
 import ipaddress
+import json
+from dataclasses import dataclass
 
-__all__ = ["BLOCKED_RANGES", "table_name", "ruleset", "delete_command"]
+from wisp.system import run
+
+__all__ = ["BLOCKED_RANGES", "Table", "table_name", "ruleset", "delete_command", "read"]
 
 #: Destinations a sprite never reaches: RFC 1918, CGNAT, loopback, link-local (cloud
 #: metadata at 169.254.169.254 included), "this network", IETF protocol assignments,
@@ -92,3 +96,42 @@ table inet {t} {{
 def delete_command(tag: str) -> str:
     t = table_name(tag)
     return f"table inet {t}\ndelete table inet {t}\n"
+
+
+@dataclass(frozen=True)
+class Table:
+    """What a running server's table holds that a later server adopts."""
+
+    subnet: ipaddress.IPv4Network
+    #: sprite addresses with an entry in the `policed` map (an egress policy enforced)
+    policed: frozenset[str]
+
+
+async def read(tag: str) -> Table | None:
+    """The server's table as the kernel has it, or None if it is missing or incomplete."""
+    res = await run("nft", "-j", "list", "table", "inet", table_name(tag), check=False,
+                    timeout=30)
+    if res.returncode != 0:
+        return None
+    subnet: ipaddress.IPv4Network | None = None
+    policed: set[str] = set()
+    chains: set[str] = set()
+    try:
+        for item in json.loads(res.stdout).get("nftables", []):
+            if "chain" in item:
+                chains.add(item["chain"].get("name", ""))
+            elif item.get("set", {}).get("name") == "subnet":
+                prefixes = [e["prefix"] for e in item["set"].get("elem", [])
+                            if isinstance(e, dict) and "prefix" in e]
+                if len(prefixes) == 1:
+                    subnet = ipaddress.IPv4Network(
+                        f"{prefixes[0]['addr']}/{prefixes[0]['len']}")
+            elif item.get("map", {}).get("name") == "policed":
+                policed.update(e[0] for e in item["map"].get("elem", [])
+                               if isinstance(e, list) and e and isinstance(e[0], str))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    base = {"prerouting", "input", "sprite_in", "forward", "sprite_out", "postrouting"}
+    if subnet is None or not base <= chains:
+        return None
+    return Table(subnet, frozenset(policed))

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import ipaddress
 import json
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,22 +68,67 @@ class Network:
         self.egress: Egress | None = None
 
     # -- server start / stop --------------------------------------------------------------
-    async def start(self) -> None:
+    @property
+    def _state_file(self) -> Path:
+        """What a later server process needs to adopt this one's firewall (tmpfs: gone
+        with a reboot, as are the sprites it describes)."""
+        return LOCK.parent / self.tag / "network.json"
+
+    async def start(self, keep: Collection[str] = ()) -> set[str]:
         """Resolve the uplink, claim a subnet, load the firewall, turn on IPv4 forwarding,
-        and remove veths an earlier run of this server left (none of its sprites runs now).
+        and remove what an earlier run of this server left.
+
+        `keep`: sprites still running from an earlier server process. When that process's
+        firewall is in place exactly as this config makes it, it is adopted as it is (the
+        resolver takes its port back; each sprite's allow set keeps what it learned), and
+        so are those sprites' namespaces, veths and addresses. Returns the sprites whose
+        network was kept; every other veth goes.
         """
         self.uplink = await self._resolve_uplink()
-        for link in await links.links(self.tag):
-            await links.remove_link(link.ifname)
+        found = await links.links(self.tag)
         if self.uplink is None:
+            for link in found:
+                await links.remove_link(link.ifname)
             await self._delete_table()
-            return
+            self._state_file.unlink(missing_ok=True)
+            return {s for s in keep if links.netns_alive(self.tag, s)}
         upstream = self.config.dns_upstream or host_nameservers()
         if not upstream:
             raise SystemError_("no DNS upstream: the host's resolv.conf names no nameserver; "
                                "set network.dns_upstream")
         self.egress = Egress(self.tag)
         self.resolver = Resolver(upstream, self.egress)
+        try:
+            table = await self._adopt_table() if keep else None
+            if table is None:
+                subnet = await self._load_table()
+            else:
+                subnet = table.subnet
+        except BaseException:
+            await self.resolver.stop()
+            self.resolver = self.egress = None
+            raise
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        self.pool = SlotPool(subnet)
+        kept: set[str] = set()
+        for link in found:
+            if (table is not None and link.sprite_id in keep and 0 <= link.slot < self.pool.size
+                    and links.netns_alive(self.tag, link.sprite_id)):
+                pair = self.pool.claim(link.slot)
+                self._slots[link.sprite_id] = link.slot
+                self.egress.add(str(pair.sprite), link.sprite_id, link.slot,
+                                links.netns_name(self.tag, link.sprite_id),
+                                enforced=str(pair.sprite) in table.policed)
+                kept.add(link.sprite_id)
+            else:
+                await links.remove_link(link.ifname)
+        log.info("sprites reach the network through %s from %s%s", self.uplink, subnet,
+                 " (firewall adopted)" if table is not None else "")
+        return kept
+
+    async def _load_table(self) -> ipaddress.IPv4Network:
+        """A fresh resolver port and a fresh table on a subnet no one else uses."""
+        assert self.resolver is not None
         await self.resolver.start()
         LOCK.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -89,24 +136,54 @@ class Network:
             # host-wide: two servers starting at once must not pick the same subnet
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
             subnet = await self._choose_subnet()
-            text = firewall.ruleset(self.tag, links.ifprefix(self.tag), subnet, self.uplink,
-                                    self.resolver.port)
+            text = self._ruleset(subnet, self.resolver.port)
             await run("nft", "-f", "-", input=text.encode(), timeout=30)
-        except BaseException:
-            await self.resolver.stop()
-            self.resolver = self.egress = None
-            raise
         finally:
             os.close(fd)
-        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-        self.pool = SlotPool(subnet)
-        log.info("sprites reach the network through %s from %s", self.uplink, subnet)
+        self._state_file.parent.mkdir(parents=True, exist_ok=True)
+        self._state_file.write_text(json.dumps({
+            "subnet": str(subnet), "dns_port": self.resolver.port,
+            "ruleset": hashlib.sha256(text.encode()).hexdigest()}))
+        return subnet
 
-    async def stop(self) -> None:
-        """Remove what is left (call after every sprite was detached): veths, the table."""
-        for link in await links.links(self.tag):
-            await links.remove_link(link.ifname)
-        await self._delete_table()
+    def _ruleset(self, subnet: ipaddress.IPv4Network, port: int) -> str:
+        assert self.uplink is not None
+        return firewall.ruleset(self.tag, links.ifprefix(self.tag), subnet, self.uplink, port)
+
+    async def _adopt_table(self) -> firewall.Table | None:
+        """The earlier server's table, if it is in place and is exactly the one this config
+        would load on the same subnet and port, with the resolver bound to that port."""
+        assert self.resolver is not None
+        try:
+            state = json.loads(self._state_file.read_text())
+            subnet = ipaddress.IPv4Network(state["subnet"])
+            port = int(state["dns_port"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if hashlib.sha256(self._ruleset(subnet, port).encode()).hexdigest() != state.get(
+                "ruleset"):
+            log.info("the firewall changed since the last run: loading it afresh")
+            return None
+        table = await firewall.read(self.tag)
+        if table is None or table.subnet != subnet:
+            return None
+        try:
+            await self.resolver.start(port)
+        except OSError as exc:
+            log.info("the resolver's port %d is taken (%s): loading the firewall afresh",
+                     port, exc)
+            return None
+        return table
+
+    async def stop(self, keep: bool = False) -> None:
+        """Remove what is left (call after every sprite was detached): veths, the table.
+        `keep`: sprites run on without this server: only its resolver stops (their DNS
+        lookups fail until the next server adopts the firewall)."""
+        if not keep:
+            for link in await links.links(self.tag):
+                await links.remove_link(link.ifname)
+            await self._delete_table()
+            self._state_file.unlink(missing_ok=True)
         if self.resolver is not None:
             await self.resolver.stop()
             self.resolver = None
@@ -227,6 +304,14 @@ class Network:
                 if self.egress is not None:
                     self.egress.remove(str(self.pool.pair(slot).sprite))
                 self.pool.release(slot)
+
+    async def adopt_policy(self, sprite_id: str, policy: Policy) -> None:
+        """A sprite adopted from an earlier server: `policy` is its, and the kernel holds
+        its allow set already; enforced afresh only if the kernel disagrees with it."""
+        slot = self._slots.get(sprite_id)
+        if slot is None or self.pool is None or self.egress is None:
+            return
+        await self.egress.adopt(str(self.pool.pair(slot).sprite), policy)
 
     async def set_policy(self, sprite_id: str, policy: Policy, *, fresh: bool = False
                          ) -> None:
