@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -131,10 +132,17 @@ def build(config: Config) -> tuple[Services, Starlette]:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await sprites.clear_host()
-        await network.start()
-        await volume.start()
+        keep = not config.stop_sprites
+        # Sprites an earlier server process left running are adopted, not torn down,
+        # when their storage is still mounted and answering (docs/lifecycle.md).
+        survivors = sprites.survivors() if keep and await volume.adoptable() else set()
+        await sprites.clear_host(survivors)
+        networked = await network.start(survivors)
+        await volume.start(adopt=keep)
         await sprites.recover()
+        await sprites.adopt(survivors & networked)
+        for lost in sorted(survivors - networked):  # its veth could not be kept
+            await sprites.stop_one(lost)
         reclaimer.start()
         await urls.start()
         sleeper.start()
@@ -143,18 +151,22 @@ def build(config: Config) -> tuple[Services, Starlette]:
             yield
         finally:
             # Reverse order; each step runs even if the one before it failed, so the
-            # volume is always flushed and unmounted last.
-            for step in (sleeper.stop,
-                         urls.stop,  # its sockets would pin stopped sprites' namespaces
-                         sessions.close_all, sprites.stop_all,
-                         sprites.clear_host,  # anything a cancelled start left half made
-                         network.stop,
-                         reclaimer.stop,  # a last pass for what the stopped sprites freed
-                         volume.stop):
+            # volume is always flushed and unmounted last. With `keep` (the default) the
+            # sprites, their mounts, network and sessions stay for the next server.
+            steps = (sleeper.stop,
+                     urls.stop,  # its sockets would pin stopped sprites' namespaces
+                     sessions.detach_all if keep else sessions.close_all,
+                     functools.partial(sprites.stop_all, keep=keep),
+                     *(() if keep else (sprites.clear_host,)),  # what a cancelled start
+                     functools.partial(network.stop, keep=keep),  # left half made
+                     reclaimer.stop,  # a last pass for what the stopped sprites freed
+                     functools.partial(volume.stop, keep=keep))
+            for step in steps:
                 try:
                     await asyncio.shield(step())
                 except BaseException:
-                    log.exception("shutdown step %s failed", step.__qualname__)
+                    log.exception("shutdown step %s failed", getattr(
+                        step, "__qualname__", getattr(step, "func", step)))
             store.close()
 
     routes = [*sprite_routes(svc), *lifecycle_routes(sprites), *policy_routes(policies),

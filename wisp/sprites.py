@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ from wisp.runtime.base import Limits, SpriteHandle
 from wisp.runtime.container import ContainerRuntime
 from wisp.storage import disk
 from wisp.storage.juicefs import Volume
-from wisp.system import loop_devices_for, mounts_under, pid_alive, run
+from wisp.system import loop_backings, mounts_under, pid_alive, run
 
 if TYPE_CHECKING:
     from wisp.exec.sessions import SessionRegistry
@@ -719,8 +720,17 @@ class Sprites:
         self.activity.drop_task(self.row(name).id, task)
 
     # -- server start / stop --------------------------------------------------------------
-    async def clear_host(self) -> None:
-        """Tear down whatever an earlier server process left running (reverse boot order).
+    def survivors(self) -> set[str]:
+        """Sprites an earlier server process left running (docs/lifecycle.md, "Server
+        restarts"): recorded and ready, their init alive, their root mounted."""
+        mounted = {point for point, _ in mounts_under(self.sprites_run)}
+        return {row.id for row in self.store.all_sprites()
+                if row.state == "ready" and self.runtime.init_pid(row.id) is not None
+                and os.path.realpath(self.rootfs_dir(row.id)) in mounted}
+
+    async def clear_host(self, keep: Collection[str] = ()) -> None:
+        """Tear down whatever an earlier server process left running (reverse boot order),
+        except the sprites in `keep`, which the next steps adopt.
 
         Runs before the volume is mounted: containers first, then every mount below our run
         dir, then loop devices whose backing files live on the volume.
@@ -730,19 +740,61 @@ class Sprites:
         known = set(await self.runtime.list_ids()) | {r.id for r in self.store.all_sprites()}
         if self.sprites_run.exists():
             known |= {d.name for d in self.sprites_run.iterdir() if d.name.startswith("sprite-")}
-        for sprite_id in sorted(known):
+        for sprite_id in sorted(known - set(keep)):
             await self.runtime.stop(sprite_id)
             await self.network.detach(sprite_id)
+        kept_dirs = tuple(str(self.sprites_run / i) + "/" for i in keep)
         if self.sprites_run.exists():
             for point, _ in mounts_under(self.sprites_run):
+                if (point + "/").startswith(kept_dirs):
+                    continue
                 await disk.thaw(Path(point))
                 res = await run("umount", point, check=False)
                 if res.returncode != 0:
                     await run("umount", "-l", point, check=False)
-        for dev in loop_devices_for(self.config.mount_point):
-            await run("losetup", "-d", dev, check=False)
-        self.runtime.release_agent_root()
+        kept_disks = {os.path.realpath(self.disk_image(i)) for i in keep}
+        for dev, backing in loop_backings(self.config.mount_point).items():
+            if backing not in kept_disks:
+                await run("losetup", "-d", dev, check=False)
+        if not keep:
+            self.runtime.release_agent_root()
         self._live.clear()
+
+    async def adopt(self, sprite_ids: Collection[str]) -> int:
+        """After `recover`: take over sprites an earlier server process left running, with
+        their exec sessions. A warm (frozen) one is thawed: its agent must answer, and the
+        idle timers freeze it again. Returns how many were adopted; one that cannot be is
+        stopped (it starts again, cold, on its next request)."""
+        async def one(sprite_id: str) -> bool:
+            row = self.store.sprite(sprite_id)
+            pid = self.runtime.init_pid(sprite_id)
+            try:
+                if row is None or row.state != "ready" or pid is None:
+                    raise SystemError_("its record or its init is gone")
+                # a server killed inside a checkpoint's clone left the disk and the
+                # processes frozen; a warm sprite's are thawed too (see the docstring)
+                await disk.thaw(self.disk_dir(sprite_id))
+                if self.runtime.frozen(sprite_id):
+                    await self.runtime.resume(sprite_id)
+                handle = SpriteHandle(name=row.name, rootfs=self.rootfs_dir(row.id),
+                                      agent_socket=self.runtime.agent_socket(row.id),
+                                      env=tuple(sorted(row.environment.items())))
+                await self.network.adopt_policy(
+                    row.id, await asyncio.to_thread(policy.load, self.info_dir(row.id)))
+                self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
+                self.activity.touch(row.id)
+                await self.sessions.adopt(handle)
+                return True
+            except Exception as exc:
+                log.warning("adopting sprite %s failed (%s): stopping it", sprite_id, exc)
+                self._live.pop(sprite_id, None)
+                await self.stop_one(sprite_id)
+                return False
+
+        adopted = sum(await asyncio.gather(*(one(i) for i in sorted(sprite_ids))))
+        if sprite_ids:
+            log.info("adopted %d running sprites of the previous server process", adopted)
+        return adopted
 
     async def recover(self) -> None:
         """After the volume is mounted: finish or undo what a crash interrupted."""
@@ -787,7 +839,14 @@ class Sprites:
                     log.info("removing unrecorded checkpoint file %s", f)
                     f.unlink(missing_ok=True)
 
-    async def stop_all(self) -> None:
+    async def stop_one(self, sprite_id: str) -> None:
+        """Stop one sprite found running (whatever its record says), under its lock."""
+        async with self.lock(sprite_id):
+            await self._stop(sprite_id)
+
+    async def stop_all(self, keep: bool = False) -> None:
+        """Server shutdown: end background work and the unnamed warm sprites; then stop
+        every running sprite, or with `keep` leave them running for the next server."""
         tasks = [*self._background, *([self._pool_task] if self._pool_task else []),
                  *([self._warm_task] if self._warm_task else [])]
         for task in tasks:
@@ -799,6 +858,12 @@ class Sprites:
         warm, self._warm = self._warm, []
         for w in warm:
             await self._purge_unrecorded(w.id)
+        if keep:
+            for sprite_id in list(self._live):
+                async with self.lock(sprite_id):  # what is under way finishes first
+                    pass
+            self._live.clear()
+            return
         # all at once, so that N sprites cost one grace period, not N
         await self._terminate(list(self._live))
         for sprite_id in list(self._live):

@@ -16,7 +16,7 @@ from pathlib import Path
 from wisp.errors import SystemError_
 
 __all__ = ["run", "run_sync", "mounts_under", "is_mountpoint", "mount_source", "pid_alive",
-           "process_running", "loop_devices_for", "mount_tmpfs", "unmount"]
+           "process_running", "loop_backings", "loop_devices_for", "mount_tmpfs", "unmount"]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
@@ -134,10 +134,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def loop_devices_for(backing_prefix: Path) -> list[str]:
-    """Loop devices whose backing file lies under `backing_prefix` (read from sysfs)."""
+def loop_backings(backing_prefix: Path) -> dict[str, str]:
+    """{loop device: backing file} for loop devices whose backing file lies under
+    `backing_prefix` (read from sysfs)."""
     base = os.path.realpath(backing_prefix)
-    devices: list[str] = []
+    devices: dict[str, str] = {}
     for entry in Path("/sys/block").glob("loop*"):
         backing = entry / "loop" / "backing_file"
         try:
@@ -147,8 +148,13 @@ def loop_devices_for(backing_prefix: Path) -> list[str]:
         # the file itself, or anything below a directory: never `disk.img.restoring`
         # when asked for `disk.img`
         if target == base or target.startswith(base.rstrip("/") + "/"):
-            devices.append("/dev/" + entry.name)
+            devices["/dev/" + entry.name] = target
     return devices
+
+
+def loop_devices_for(backing_prefix: Path) -> list[str]:
+    """Loop devices whose backing file lies under `backing_prefix`."""
+    return list(loop_backings(backing_prefix))
 
 
 def mount_tmpfs(target: Path, options: str, source: str = "wisp") -> None:

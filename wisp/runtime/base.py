@@ -95,6 +95,11 @@ class Runtime(abc.ABC):
         """Thaw a paused sprite."""
 
     @abc.abstractmethod
+    def frozen(self, sprite_id: str) -> bool:
+        """Whether the sprite is paused (asked of the system: a server adopting sprites
+        an earlier process left finds warm ones this way)."""
+
+    @abc.abstractmethod
     async def running(self, sprite_id: str) -> bool:
         """True when the sprite's init is alive (asked of the system, not remembered)."""
 

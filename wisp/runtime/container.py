@@ -300,6 +300,11 @@ class ContainerRuntime(Runtime):
             return v2, "1", "0"
         return None
 
+    def frozen(self, sprite_id: str) -> bool:
+        """Whether the sprite's processes are frozen (paused, a warm sprite)."""
+        freezer = self._freezer(sprite_id)
+        return freezer is not None and self._frozen(freezer[0])
+
     @staticmethod
     def _frozen(control: Path) -> bool:
         if control.name == "freezer.state":
