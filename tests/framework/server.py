@@ -31,13 +31,18 @@ def free_port() -> int:
 
 class WispServer:
     def __init__(self, data_dir: Path, image: str = "busybox", token: str = "test-token",
-                 config_file: Path | None = None, extra_env: dict[str, str] | None = None):
+                 config_file: Path | None = None, extra_env: dict[str, str] | None = None,
+                 stop_sprites: bool = True):
         self.data_dir = data_dir
         self.image = image
         self.token = token
         self.config_file = config_file
         self.port = free_port()
         self.extra_env = extra_env or {}
+        #: True (tests' default): a stop ends every sprite, a start clears what a killed
+        #: server left, so each test's leak check sees the host as it was. False: the
+        #: product's default, sprites outlive the server (tests/functional/test_adoption.py).
+        self.stop_sprites = stop_sprites
         #: With True the server generates its own token; read it from `<data>/token`.
         self.generated_token = False
         self.proc: subprocess.Popen[bytes] | None = None
@@ -60,11 +65,12 @@ class WispServer:
         # give their own (tests/framework/internet.py)
         env.update({"WISP_IMAGE": self.image,
                     "WISP_IMAGES_DIR": str(IMAGES_DIR), "WISP_NO_CLIENT_CONFIG": "1",
-                    "WISP_UPLINK": "none", "PYTHONPATH": str(REPO)})
+                    "WISP_UPLINK": "none", "PYTHONPATH": str(REPO),
+                    "WISP_STOP_SPRITES": "1" if self.stop_sprites else "0"})
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout: float = 900) -> None:
+    def start(self, timeout: float = 900, poll: float = 0.1) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         code = ("import sys; from pathlib import Path; from wisp.server import serve; "
                 "serve(Path(sys.argv[1]), sys.argv[2], "
@@ -89,7 +95,7 @@ class WispServer:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.1)
+            time.sleep(poll)
         self.kill()
         raise RuntimeError("wisp serve did not become ready:\n" + self.log.read_text()[-3000:])
 

@@ -4,7 +4,8 @@ Measures p50/p95 over several samples for: create → first exec, exec round tri
 output throughput over the WebSocket (one stream, four at once),
 checkpoint (idle, after 100 MB and after 1 GB written), restore, fork, delete, disk
 write throughput inside a sprite versus raw JuiceFS on the same volume, HTTP through a
-sprite URL versus straight into the sprite, and services (tests/performance/services.py).
+sprite URL versus straight into the sprite, services (tests/performance/services.py) and
+server restarts with running sprites adopted (tests/performance/restart.py).
 In the same run it measures a naive baseline (checkpoint = copy the overlay upper directory, restore = copy it
 back) and reports Wisp's speed-up over it. Then the network rows, on a second server
 whose uplink is the tests' fake internet (tests/performance/network.py). Asserts nothing:
@@ -466,6 +467,9 @@ def main() -> None:
     from tests.performance import network
 
     net_rows, net_lines = network.run(Bench, base, SAMPLES, no_network_create=bench.rows[0][1])
+    from tests.performance import restart
+
+    net_rows += restart.run(Bench, base, SAMPLES)
     print(f"\nHost: {host_facts()}\n")
     print("| metric | p50 | p95 | unit |\n|---|---|---|---|")
     for label, values, unit in bench.rows + net_rows:
