@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -137,12 +138,15 @@ class Activity:
     """When each sprite was last used, what holds it open, and its API tasks.
 
     Times are monotonic; only task expiries are wall-clock (they are shown to clients).
+    With `state_dir`, each sprite's API tasks are also kept in `<state_dir>/<id>.json`, so
+    that a server adopting the sprite after a restart (`load`) keeps holding it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path | None = None) -> None:
         self._last: dict[str, float] = {}
         self._holds: dict[str, int] = {}
         self._tasks: dict[str, dict[str, float]] = {}
+        self.state_dir = state_dir
 
     def touch(self, sprite_id: str) -> None:
         self._last[sprite_id] = time.monotonic()
@@ -177,6 +181,7 @@ class Activity:
         expires = time.time() + seconds
         self._tasks.setdefault(sprite_id, {})[name] = expires
         self.touch(sprite_id)
+        self._save(sprite_id)
         return Task(name, expires, "api")
 
     def tasks(self, sprite_id: str) -> list[Task]:
@@ -194,11 +199,45 @@ class Activity:
         if held.pop(name, None) is None:
             raise NotFound(f"task '{name}' not found")
         self.touch(sprite_id)
+        self._save(sprite_id)
 
     def forget(self, sprite_id: str) -> None:
         """The sprite went cold or was deleted: its run, and the holds on it, are over."""
         self._tasks.pop(sprite_id, None)
         self._last.pop(sprite_id, None)
+        if self.state_dir is not None:
+            (self.state_dir / f"{sprite_id}.json").unlink(missing_ok=True)
+
+    def load(self, sprite_id: str) -> None:
+        """Take back the API tasks an earlier server process held for this (adopted)
+        sprite; a missing or unreadable file holds none."""
+        if self.state_dir is None:
+            return
+        try:
+            saved = json.loads((self.state_dir / f"{sprite_id}.json").read_text())
+            held = {str(n): float(t) for n, t in saved.items() if TASK_NAME_RE.fullmatch(n)}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return
+        now = time.time()
+        live = {n: t for n, t in held.items() if now < t <= now + MAX_TASK_SECONDS}
+        if live:
+            self._tasks[sprite_id] = live
+
+    def _save(self, sprite_id: str) -> None:
+        if self.state_dir is None:
+            return
+        path = self.state_dir / f"{sprite_id}.json"
+        held = self._tasks.get(sprite_id)
+        try:
+            if not held:
+                path.unlink(missing_ok=True)
+                return
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(held))
+            os.replace(tmp, path)
+        except OSError as exc:  # the hold works for this process regardless
+            log.warning("saving the tasks of %s failed: %s", sprite_id, exc)
 
 
 class Sleeper:

@@ -104,7 +104,7 @@ class Sprites:
         self._warm: list[_Warm] = []
         self._warm_task: asyncio.Task[None] | None = None
         #: What keeps each sprite awake (docs/lifecycle.md); `wisp.lifecycle.Sleeper` reads it.
-        self.activity = Activity()
+        self.activity = Activity(config.run_dir / "tasks")
         #: ext4 metadata (journal, inode tables) an empty disk already uses; not user data.
         self.empty_disk_bytes = 0
 
@@ -743,6 +743,7 @@ class Sprites:
         for sprite_id in sorted(known - set(keep)):
             await self.runtime.stop(sprite_id)
             await self.network.detach(sprite_id)
+            self.activity.forget(sprite_id)  # its API tasks held the run that ended
         kept_dirs = tuple(str(self.sprites_run / i) + "/" for i in keep)
         if self.sprites_run.exists():
             for point, _ in mounts_under(self.sprites_run):
@@ -783,6 +784,7 @@ class Sprites:
                     row.id, await asyncio.to_thread(policy.load, self.info_dir(row.id)))
                 self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
                 self.activity.touch(row.id)
+                self.activity.load(row.id)
                 await self.sessions.adopt(handle)
                 return True
             except Exception as exc:

@@ -116,6 +116,23 @@ def test_processes_and_sessions_survive_the_server(keeping: WispServer, how: str
     assert _host_pids("sleep 31337") == host
 
 
+def test_api_tasks_survive_the_server(keeping: WispServer) -> None:
+    """A keep-awake task set through the API still holds the sprite after a SIGKILL and a
+    start; one released before the restart does not come back."""
+    c = _client(keeping)
+    c.create_sprite("adopt-tasks")
+    base = f"{keeping.url}/v1/sprites/adopt-tasks/tasks"
+    for task in ("build", "gone"):
+        r = httpx.put(f"{base}/{task}", json={"ttl": 600}, headers=keeping.headers, timeout=30)
+        assert r.status_code == 200, r.text
+    assert httpx.delete(f"{base}/gone", headers=keeping.headers, timeout=30).status_code == 204
+    keeping.kill()
+    keeping.start()
+    r = httpx.get(base, headers=keeping.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [t["name"] for t in r.json()] == ["build"]
+
+
 def test_stop_sprites_keeps_the_full_stop(keeping: WispServer) -> None:
     """With `stop_sprites` a start clears what the server before it left running, and a
     stop ends every process of every sprite, as before sprites outlived their server."""
