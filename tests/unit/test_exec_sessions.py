@@ -203,8 +203,9 @@ def test_public_surface() -> None:
     assert sorted(wisp.exec.__all__) == ["ExecSpec", "Resolve", "Session", "SessionRegistry",
                                          "exec_routes"]
     assert sorted(wisp.runtime.agent.__all__) == ["AGENT_LOST_EXIT", "AgentProcess",
-                                                  "FdReader", "FdWriter", "MAX_REQUEST",
-                                                  "join_cgroups", "spawn", "wait_ready"]
+                                                  "FdReader", "FdWriter", "MAX_REQUEST", "adopt",
+                                                  "join_cgroups", "list_orphans", "spawn",
+                                                  "wait_ready"]
     for mod in (wisp.exec, wisp.runtime.agent):
         assert all(hasattr(mod, n) for n in mod.__all__)
 
