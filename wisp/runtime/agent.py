@@ -210,7 +210,12 @@ class AgentProcess:
         code = AGENT_LOST_EXIT
         try:
             while True:
-                data, fds = await _recv(self._sock, self._rwait)
+                try:
+                    data, fds = await _recv(self._sock, self._rwait)
+                except ConnectionResetError:
+                    # The agent closed with a message of ours unread; the kernel reports
+                    # that before the packets still queued for us (its "exit"): read on.
+                    continue
                 for fd in fds:
                     os.close(fd)
                 if not data:

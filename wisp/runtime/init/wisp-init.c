@@ -257,6 +257,11 @@ static void kept_close(struct kept *k)
 static void close_conn(struct conn *c)
 {
     if (c->state != C_FREE) {
+        /* Closing with unread packets (a "signal" or "stdin-close" that crossed our "exit")
+         * would make the peer's next recv fail with ECONNRESET before it reads "exit". */
+        char sink[64];
+        while (recv(c->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0)
+            ;
         close(c->fd);
         kept_close(&c->keep);
         c->fd = -1;
