@@ -788,7 +788,8 @@ class SessionRegistry:
         process the sprite's agent still keeps is adopted, its ring reopened from its file,
         and pumped again; one the agent no longer knows (or that had exited) becomes an
         exited session (its recorded exit, else 137) with its output, for `keep_exited`.
-        Returns how many were adopted running."""
+        Returns how many the agent handed over (running, or exited while no server held
+        them: their exit follows at once)."""
         d = self._dir(handle.name)
         if d is None or not d.is_dir():
             return 0
