@@ -15,6 +15,10 @@ Invariants:
   or `DRAIN_MAX` passed.
 * A session ends when its process exits, when it is terminated (`close_sprite`), or when
   the agent connection drops (the sprite stopped): exit 137.
+* A server that goes away without stopping the sprites (`detach_all`, or a crash) ends no
+  session: the agent keeps each process with its pipes, the ring and metadata are files
+  (with `state_dir`), and the next server's `adopt` carries on (docs/exec.md, "Sessions
+  across a server restart").
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ __all__ = [
     "Session",
     "SessionRegistry",
     "OutputRing",
+    "FileRing",
     "default_env",
     "STDOUT",
     "STDERR",
