@@ -462,6 +462,31 @@ def test_bad_adopt_requests_are_refused(handle: SpriteHandle) -> None:
     finally:
         loop.close()
     assert _raw(handle, b"sessions\0").endswith(b"\n")
+    import random
+
+    rng = random.Random(99)
+    r, w = os.pipe()
+    try:
+        for _ in range(200):
+            tail = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 30)))
+            payload = rng.choice([b"adopt\0", b"adopt\0pid=", b"sessions\0"]) + tail
+            _raw(handle, payload, fds=rng.choice([None, [r], [r, w, w, r, w, r]]))
+    finally:
+        os.close(r)
+        os.close(w)
+    out, _, code = asyncio.run(_run(handle, ["echo", "still alive"]))
+    assert (out, code) == (b"still alive\n", 0)
+
+
+def test_a_close_after_the_exit_keeps_nothing(handle: SpriteHandle) -> None:
+    """The normal end (exit read, then the connection closed) leaves no orphan record."""
+    async def go() -> tuple[int, list[int]]:
+        proc = await _spawn(handle, ["sh", "-c", "echo x"])
+        await _collect(proc)
+        return proc.pid, [pid for pid, _, _ in await agent.list_orphans(handle.agent_socket)]
+
+    pid, pids = asyncio.run(go())
+    assert pid not in pids
 
 
 def test_exited_orphans_are_bounded(handle: SpriteHandle) -> None:
