@@ -342,3 +342,167 @@ def test_killed_sprite_reports_137(init_bin: Path) -> None:
             return code
 
         assert asyncio.run(go()) == 137
+
+
+# ---- orphans: processes that outlive their connection (the server) ----------------------
+
+async def _read_until(reader: agent.FdReader, want: bytes, timeout: float = 10) -> bytes:
+    out = b""
+    async def go() -> None:
+        nonlocal out
+        while want not in out:
+            chunk = await reader.read(65536)
+            assert chunk, f"EOF before {want!r}: {out!r}"
+            out += chunk
+    await asyncio.wait_for(go(), timeout)
+    return out
+
+
+def test_orphan_keeps_its_output_and_is_adopted(handle: SpriteHandle) -> None:
+    """A process whose connection closes runs on with its pipes intact (no EPIPE, no EOF on
+    stdin); what it writes meanwhile is read after `adopt`, which also feeds its stdin, gives
+    it EOF (stdin-close) and delivers its exit."""
+    async def go() -> tuple[list[tuple[int, bool, int | None]], bytes, bytes, int]:
+        proc = await _spawn(handle, ["sh", "-c",
+                                     "echo one; sleep 0.3; echo two; echo err2 >&2; "
+                                     "read x; echo got-$x; cat; exit 7"])
+        await _read_until(proc.stdout, b"one\n")
+        pid = proc.pid
+        proc.close()  # the server goes away
+        await asyncio.sleep(0.8)
+        listed = await agent.list_orphans(handle.agent_socket)
+        adopted = await agent.adopt(handle.agent_socket, pid)
+        assert adopted is not None and adopted.pid == pid and adopted.stdin_open
+        await adopted.write(b"hi\nrest\n")
+        adopted.close_stdin()
+        out, err, code = await _collect(adopted)
+        return listed, out, err, code
+
+    listed, out, err, code = asyncio.run(go())
+    assert any(running and code is None for _, running, code in listed)
+    assert (out, err, code) == (b"two\ngot-hi\nrest\n", b"err2\n", 7)
+
+
+def test_adopt_of_an_exited_orphan_gives_its_output_then_its_exit(handle: SpriteHandle) -> None:
+    """An orphan that exits keeps its exit code and its unread output until adopted; after
+    that its record is gone."""
+    async def go() -> tuple[tuple[int, bool, int | None], bytes, int, object]:
+        proc = await _spawn(handle, ["sh", "-c", "sleep 0.2; echo bye; exit 3"])
+        pid = proc.pid
+        proc.close()
+        await asyncio.sleep(0.8)
+        entry = next(e for e in await agent.list_orphans(handle.agent_socket) if e[0] == pid)
+        adopted = await agent.adopt(handle.agent_socket, pid)
+        assert adopted is not None
+        out, _, code = await _collect(adopted)
+        again = await agent.adopt(handle.agent_socket, pid)
+        return entry, out, code, again
+
+    entry, out, code, again = asyncio.run(go())
+    assert entry[1:] == (False, 3)
+    assert (out, code, again) == (b"bye\n", 3, None)
+
+
+def test_tty_orphan_survives_and_is_adopted(handle: SpriteHandle) -> None:
+    """The agent keeps its PTY master: a detached TTY process gets no SIGHUP, and the
+    adopting side types into it and reads its answer."""
+    async def go() -> tuple[bytes, int]:
+        proc = await _spawn(handle, ["sh", "-c", "read x; echo got-$x; exit 4"], tty=True)
+        pid = proc.pid
+        proc.close()
+        await asyncio.sleep(0.3)
+        adopted = await agent.adopt(handle.agent_socket, pid)
+        assert adopted is not None and adopted.tty
+        await adopted.write(b"hey\n")
+        out, _, code = await _collect(adopted)
+        return out, code
+
+    out, code = asyncio.run(go())
+    assert b"got-hey" in out and code == 4
+
+
+def test_no_stdin_orphan_adopts_without_stdin(handle: SpriteHandle) -> None:
+    """stdin=False (and a stdin already closed) comes back as no stdin."""
+    async def go() -> tuple[bool, bool, bytes, int]:
+        a = await _spawn(handle, ["sh", "-c", "sleep 0.3; echo a"], stdin=False)
+        b = await _spawn(handle, ["sh", "-c", "cat; sleep 0.3; echo b"])
+        b.close_stdin()
+        await asyncio.sleep(0.1)
+        a.close()
+        b.close()
+        pa = await agent.adopt(handle.agent_socket, a.pid)
+        pb = await agent.adopt(handle.agent_socket, b.pid)
+        assert pa is not None and pb is not None
+        (oa, _, ca), (ob, _, cb) = await asyncio.gather(_collect(pa), _collect(pb))
+        return pa.stdin_open, pb.stdin_open, oa + ob, ca + cb
+
+    assert asyncio.run(go()) == (False, False, b"a\nb\n", 0)
+
+
+def test_bad_adopt_requests_are_refused(handle: SpriteHandle) -> None:
+    """Malformed adopts, unknown and attached pids get an error reply and no fds; the agent
+    keeps serving, and the attached process is untouched."""
+    async def attached() -> AgentProcess:
+        return await _spawn(handle, ["sh", "-c", "read x; echo $x"])
+
+    loop = asyncio.new_event_loop()
+    try:
+        proc = loop.run_until_complete(attached())
+        for payload in [b"adopt", b"adopt\0", b"adopt\0pid=\0", b"adopt\0pid=abc\0",
+                        b"adopt\0pid=0\0", b"adopt\0pid=-5\0", b"adopt\0pid=1\0extra\0",
+                        b"adopt\0pid=99999999999999\0", b"adopt\0pid=1", b"adopt\0xid=1\0",
+                        b"adopt\0pid=4000000\0", b"sessions", b"sessions\0x\0"]:
+            reply = _raw(handle, payload)
+            assert reply.startswith(b"error "), (payload, reply)
+        assert _raw(handle, b"adopt\0pid=%d\0" % proc.pid) == b"error process is attached"
+        assert _raw(handle, b"adopt\0pid=4000000\0") == b"error no such process"
+        loop.run_until_complete(proc.write(b"fine\n"))
+        out, _, code = loop.run_until_complete(_collect(proc))
+        assert (out, code) == (b"fine\n", 0)
+    finally:
+        loop.close()
+    assert _raw(handle, b"sessions\0").endswith(b"\n")
+    import random
+
+    rng = random.Random(99)
+    r, w = os.pipe()
+    try:
+        for _ in range(200):
+            tail = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 30)))
+            payload = rng.choice([b"adopt\0", b"adopt\0pid=", b"sessions\0"]) + tail
+            _raw(handle, payload, fds=rng.choice([None, [r], [r, w, w, r, w, r]]))
+    finally:
+        os.close(r)
+        os.close(w)
+    out, _, code = asyncio.run(_run(handle, ["echo", "still alive"]))
+    assert (out, code) == (b"still alive\n", 0)
+
+
+def test_a_close_after_the_exit_keeps_nothing(handle: SpriteHandle) -> None:
+    """The normal end (exit read, then the connection closed) leaves no orphan record."""
+    async def go() -> tuple[int, list[int]]:
+        proc = await _spawn(handle, ["sh", "-c", "echo x"])
+        await _collect(proc)
+        return proc.pid, [pid for pid, _, _ in await agent.list_orphans(handle.agent_socket)]
+
+    pid, pids = asyncio.run(go())
+    assert pid not in pids
+
+
+def test_exited_orphans_are_bounded(handle: SpriteHandle) -> None:
+    """At most 64 exited orphans are kept (the one that exited first goes); a normal close
+    after the exit keeps nothing."""
+    async def go() -> list[tuple[int, bool, int | None]]:
+        await _run(handle, ["true"])
+        procs = await asyncio.gather(*(_spawn(handle, ["sh", "-c", f"sleep 0.3; exit {i}"])
+                                       for i in range(80)))
+        for p in procs:
+            p.close()
+        await asyncio.sleep(1.5)
+        return await agent.list_orphans(handle.agent_socket)
+
+    listed = asyncio.run(go())
+    assert len([e for e in listed if not e[1]]) == 64
+    # The agent keeps working, and its orphans can still be adopted one by one.
+    out, _, code = asyncio.run(_run(handle, ["echo", "ok"]))
+    assert (out, code) == (b"ok\n", 0)

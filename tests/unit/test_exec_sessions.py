@@ -203,8 +203,9 @@ def test_public_surface() -> None:
     assert sorted(wisp.exec.__all__) == ["ExecSpec", "Resolve", "Session", "SessionRegistry",
                                          "exec_routes"]
     assert sorted(wisp.runtime.agent.__all__) == ["AGENT_LOST_EXIT", "AgentProcess",
-                                                  "FdReader", "FdWriter", "MAX_REQUEST",
-                                                  "join_cgroups", "spawn", "wait_ready"]
+                                                  "FdReader", "FdWriter", "MAX_REQUEST", "adopt",
+                                                  "join_cgroups", "list_orphans", "spawn",
+                                                  "wait_ready"]
     for mod in (wisp.exec, wisp.runtime.agent):
         assert all(hasattr(mod, n) for n in mod.__all__)
 
@@ -774,3 +775,275 @@ def test_detached_output_never_blocks_the_command(sprite: BusyboxSprite) -> None
 
     size, data, code = asyncio.run(go())
     assert size == 100_000 and data.endswith(b"\0END\n") and code == 0
+
+
+# ---- the file ring and sessions across a server restart ---------------------------------
+
+def _runs(snapshot: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """Consecutive bytes of one stream joined: what both rings must agree on."""
+    out: list[tuple[int, bytes]] = []
+    for stream, data in snapshot:
+        if out and out[-1][0] == stream:
+            out[-1] = (stream, out[-1][1] + bytes(data))
+        elif data:
+            out.append((stream, bytes(data)))
+    return out
+
+
+def test_file_ring_keeps_what_the_memory_ring_keeps(tmp_path: Path) -> None:
+    """Random appends (tiny to larger than the ring, both streams): the file ring holds
+    the same newest `limit` bytes, streams and order as OutputRing, in chunks of at most
+    CHUNK; reopened from its file it gives the same snapshot and appends on."""
+    import random
+
+    from wisp.exec.sessions import FileRing, OutputRing
+
+    rng = random.Random(7)
+    for trial in range(60):
+        limit = rng.choice([1, 10, 4096, 100_000, 1 << 20])
+        mem, path = OutputRing(limit), tmp_path / f"{trial}.ring"
+        ring = FileRing(path, limit)
+        for _ in range(rng.randrange(1, 40)):
+            n = rng.choice([1, 5, 999, CHUNK, 70_000, 1_500_000])
+            data = rng.randbytes(min(n, 4096)) * (n // 4096 + 1)
+            stream = rng.choice([1, 2])
+            mem.append(stream, data[:n])
+            ring.append(stream, data[:n])
+            assert ring.size == mem.size
+        snap = ring.snapshot()
+        assert _runs(snap) == _runs(mem.snapshot())
+        assert all(0 < len(d) <= CHUNK for _, d in snap)
+        ring.close()
+        again = FileRing(path, limit)
+        assert again.snapshot() == snap
+        again.append(2, b"more")
+        mem.append(2, b"more")
+        assert _runs(again.snapshot()) == _runs(mem.snapshot())
+        again.close()
+
+
+def test_file_ring_bad_files_read_as_empty(tmp_path: Path) -> None:
+    """A missing, truncated, garbage or other-sized file is an empty ring (no exception);
+    a torn newest header slot falls back to the state published before it."""
+    from wisp.exec.sessions import FileRing
+
+    path = tmp_path / "r.ring"
+    ring = FileRing(path, 4096)
+    ring.append(1, b"first")
+    ring.append(2, b"second")
+    ring.close()
+    good = path.read_bytes()
+    for bad in [b"", good[:100], good[:5000], b"\xff" * len(good), os.urandom(len(good)),
+                good[:64] + b"\0" * 200 + good[264:]]:
+        path.write_bytes(bad)
+        r = FileRing(path, 4096)
+        assert r.snapshot() == [] and r.size == 0, bad[:16]
+        r.append(1, b"fresh")
+        assert r.snapshot() == [(1, b"fresh")]
+        r.close()
+    path.write_bytes(good)
+    assert FileRing(path, 100).snapshot() == []  # other limit: not this ring
+    # The newest state went into slot seq & 1; spoil it mid-write: the previous one shows.
+    path.write_bytes(good)
+    r = FileRing(path, 4096)
+    off = (64, 128)[r._seq & 1]
+    r.close()
+    torn = bytearray(good)
+    torn[off + 16:off + 24] = b"\x13" * 8
+    path.write_bytes(bytes(torn))
+    assert FileRing(path, 4096).snapshot() == [(1, b"first")]
+
+
+class _Client(Attachment):
+    """Records everything a client gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: list[tuple[int, bytes]] = []
+        self.code: int | None = None
+
+    async def send_info(self, info: dict[str, Any]) -> None:
+        self.info = info
+
+    async def send_output(self, stream: int, data: bytes) -> None:
+        self.out.append((stream, bytes(data)))
+
+    async def send_exit(self, code: int) -> None:
+        self.code = code
+
+    def stream(self, sid: int) -> bytes:
+        return b"".join(d for s, d in self.out if s == sid)
+
+
+_TICKER = ("echo start; echo err-start >&2; i=0; while [ $i -lt 15 ]; do echo tick-$i; "
+           "i=$((i+1)); sleep 0.1; done; read x; echo got-$x; exit 9")
+
+
+def _ticks(out: bytes) -> list[str]:
+    return [w for w in out.decode().split() if w.startswith("tick-")]
+
+
+async def _adopt_and_finish(registry: SessionRegistry, handle: Any, sid: str,
+                            stdin: bytes = b"bye\n") -> _Client:
+    assert await registry.adopt(handle) == 1
+    session = registry.get(handle.name, sid)
+    client = _Client()
+    await session.attach(client)
+    await session.write_stdin(stdin)
+    await asyncio.wait_for(client.done.wait(), 20)
+    return client
+
+
+def test_detach_all_then_a_new_registry_adopts(sprite: BusyboxSprite, tmp_path: Path) -> None:
+    """detach_all drops the client (no exit) and leaves the process running; a new
+    registry on the same state_dir adopts it: replay of the old output, then the output
+    made meanwhile (nothing lost), stdin, and the exit."""
+    async def go() -> tuple[_Client, _Client, list[Path]]:
+        old = SessionRegistry(state_dir=tmp_path)
+        session = await old.start(sprite.handle, ExecSpec(argv=("sh", "-c", _TICKER)))
+        first = _Client()
+        await session.attach(first, owner=True)
+        session.start()
+        while b"tick-2" not in first.stream(1):
+            await asyncio.sleep(0.02)
+        await old.detach_all()
+        assert first.dropped and first.code is None and old.active(sprite.handle.name) == 0
+        files = sorted((tmp_path / sprite.handle.name).iterdir())
+        await asyncio.sleep(0.5)  # output made while no server holds it
+        new = SessionRegistry(state_dir=tmp_path)
+        client = await _adopt_and_finish(new, sprite.handle, session.id)
+        return first, client, files
+
+    first, client, files = asyncio.run(go())
+    assert [f.suffix for f in files] == [".json", ".ring"]
+    out = client.stream(1)
+    assert out.startswith(b"start\ntick-0\n") and client.stream(2) == b"err-start\n"
+    assert _ticks(out.decode().split("got-")[0].encode()) == [f"tick-{i}" for i in range(15)]
+    assert out.endswith(b"got-bye\n") and client.code == 9
+
+
+def test_sigkilled_server_s_sessions_are_adopted(sprite: BusyboxSprite, tmp_path: Path) -> None:
+    """A process that holds a registry is SIGKILLed mid-stream: a new registry adopts the
+    session from the files and the agent, with every line the command printed."""
+    script = f"""
+import asyncio, sys
+from pathlib import Path
+from wisp.exec.sessions import ExecSpec, SessionRegistry
+from wisp.runtime.base import SpriteHandle
+async def main():
+    h = SpriteHandle(name={sprite.handle.name!r}, rootfs=Path({str(sprite.handle.rootfs)!r}),
+                     agent_socket=Path({str(sprite.handle.agent_socket)!r}))
+    reg = SessionRegistry(state_dir=Path({str(tmp_path)!r}))
+    s = await reg.start(h, ExecSpec(argv=("sh", "-c", {_TICKER!r})))
+    s.start()
+    while s.bytes_out < 20:
+        await asyncio.sleep(0.01)
+    print(s.id, flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout is not None
+        sid = proc.stdout.readline().decode().strip()
+        time.sleep(0.3)  # pumping on: the kill lands while the ring is being written
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert sid
+    client = asyncio.run(_adopt_and_finish(SessionRegistry(state_dir=tmp_path),
+                                           sprite.handle, sid))
+    out = client.stream(1)
+    assert out.startswith(b"start\n") and out.endswith(b"got-bye\n") and client.code == 9
+    assert _ticks(out) == [f"tick-{i}" for i in range(15)]
+
+
+def test_adopt_of_gone_and_exited_sessions(sprite: BusyboxSprite, tmp_path: Path) -> None:
+    """After a restart: a session that had exited keeps its recorded exit; one that exited
+    while no server held it gets the agent's exit code and its output; one the agent does
+    not know (its record was dropped) is exited 137 with the output its ring kept; junk
+    metadata is removed, never a crash."""
+    async def go() -> tuple[int, list[_Client], set[str]]:
+        old = SessionRegistry(state_dir=tmp_path)
+        a = await old.start(sprite.handle, ExecSpec(argv=("sh", "-c", "echo A; exit 5")))
+        b = await old.start(sprite.handle, ExecSpec(argv=("sh", "-c", "echo B; sleep 30")))
+        c = await old.start(sprite.handle, ExecSpec(argv=("sh", "-c",
+                                                          "sleep 0.2; echo C; exit 6")))
+        for s in (a, b, c):
+            s.start()
+        await asyncio.wait_for(a.finished.wait(), 10)
+        while b.bytes_out < 2:
+            await asyncio.sleep(0.02)
+        await old.detach_all()
+        # b's process is killed behind everyone's back, and adopted (so forgotten) by a
+        # stranger: the agent no longer knows it.
+        await _kill_and_forget(sprite, b.pid)
+        d = tmp_path / sprite.handle.name
+        (d / "999.json").write_text("{not json")
+        (d / "998.json").write_text(json.dumps({"id": "998", "pid": -1}))
+        await asyncio.sleep(0.3)
+        new = SessionRegistry(state_dir=tmp_path)
+        running = await new.adopt(sprite.handle)
+        clients = []
+        for s in (a, b, c):
+            cl = _Client()
+            await new.get(sprite.handle.name, s.id).attach(cl)
+            await asyncio.wait_for(cl.done.wait(), 10)
+            clients.append(cl)
+        return running, clients, {f.name for f in d.iterdir()}
+
+    running, (ca, cb, cc), names = asyncio.run(go())
+    assert running == 1  # c, through the agent (its exit follows at once)
+    assert (ca.stream(1), ca.code) == (b"A\n", 5)
+    assert (cb.stream(1), cb.code) == (b"B\n", 137)
+    assert (cc.stream(1), cc.code) == (b"C\n", 6)
+    assert not {"999.json", "998.json"} & names
+
+
+async def _kill_and_forget(sprite: BusyboxSprite, pid: int) -> None:
+    from wisp.runtime import agent
+
+    proc = await agent.adopt(sprite.handle.agent_socket, pid)
+    assert proc is not None
+    await proc.signal(9)
+    await asyncio.wait_for(proc.wait(), 5)
+    proc.close()
+
+
+def test_adopt_is_quick_and_files_go_with_the_sprite(sprite: BusyboxSprite,
+                                                     tmp_path: Path) -> None:
+    """20 sprites x 3 sessions (names sharing one container) adopt well under 2 s;
+    close_sprite kills and removes a sprite's files; expiry removes an exited one's."""
+    from dataclasses import replace
+
+    async def go() -> tuple[float, int, bool, bool]:
+        handles = [replace(sprite.handle, name=f"s{i}") for i in range(20)]
+        old = SessionRegistry(state_dir=tmp_path)
+        for h in handles:
+            for _ in range(3):
+                (await old.start(h, ExecSpec(argv=("sleep", "30")))).start()
+        await old.detach_all()
+        new = SessionRegistry(state_dir=tmp_path, keep_exited=0.5)
+        t0 = time.monotonic()
+        counts = await asyncio.gather(*(new.adopt(h) for h in handles))
+        elapsed = time.monotonic() - t0
+        await new.close_sprite("s0")
+        s0_gone = not (tmp_path / "s0").exists()
+        session = await new.start(handles[1], ExecSpec(argv=("true",)))
+        session.start()
+        await asyncio.wait_for(session.finished.wait(), 10)
+        assert (tmp_path / "s1" / f"{session.id}.ring").exists()
+        await asyncio.sleep(0.6)
+        new._expire("s1")
+        expired = not (tmp_path / "s1" / f"{session.id}.ring").exists()
+        await new.close_all()
+        return elapsed, sum(counts), s0_gone, expired
+
+    elapsed, count, s0_gone, expired = asyncio.run(go())
+    assert count == 60 and elapsed < 2.0, (count, elapsed)
+    assert s0_gone and expired
+    assert not any(tmp_path.iterdir())

@@ -220,6 +220,10 @@ class _ExecApi:
             await asyncio.wait({receiver, finished}, return_when=asyncio.FIRST_COMPLETED)
             if client.done.is_set() and client.alive:
                 await self._close_after_exit(ws, session, client, receiver)
+            elif client.dropped:
+                # The server is going away and the process is not: no exit, "try again".
+                with contextlib.suppress(Exception):
+                    await ws.close(1012)
         finally:
             for t in (keepalive, receiver, finished):
                 t.cancel()
@@ -355,7 +359,7 @@ def _fmt_seconds(seconds: float) -> str:
 async def _kill_events(session: Session, signum: int, timeout: float) -> AsyncIterator[bytes]:
     """NDJSON progress of a kill (contract §2.9)."""
     name = signal_name(signum)
-    pid = session.proc.pid
+    pid = session.pid
     yield _line({"type": "signal", "message": f"Signaling {name} to process group {pid}",
                  "signal": name, "pid": pid})
     await session.signal(signum)

@@ -5,6 +5,11 @@ as one packet of NUL-terminated `key=value` strings, with the child's three stdi
 attached for a non-TTY spawn. The agent answers `pid N` (carrying the PTY master for a TTY
 spawn), later `exit N`. Closing the connection detaches the process; it keeps running.
 
+The agent also keeps a copy of the host's ends (sent with the spawn; the PTY master it
+made), so a process outlives its server: when the connection closes while it runs, the
+agent keeps it as an "orphan" that a later server takes over with `adopt` (same
+`AgentProcess`, output still waiting in the pipes). `list_orphans` lists them.
+
 The host keeps the other ends of the pipes (or the PTY master) and reads them itself, so
 the caller decides how fast output is consumed: nothing here reads ahead, which is what
 lets a slow WebSocket client hold back a fast producer.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -31,6 +37,8 @@ __all__ = [
     "FdWriter",
     "MAX_REQUEST",
     "AGENT_LOST_EXIT",
+    "adopt",
+    "list_orphans",
     "wait_ready",
     "join_cgroups",
     "spawn",
@@ -170,6 +178,9 @@ class FdWriter:
             os.close(self.fd)
 
 
+_background: set[asyncio.Task[None]] = set()
+
+
 class AgentProcess:
     """A process started by the agent.
 
@@ -199,7 +210,12 @@ class AgentProcess:
         code = AGENT_LOST_EXIT
         try:
             while True:
-                data, fds = await _recv(self._sock, self._rwait)
+                try:
+                    data, fds = await _recv(self._sock, self._rwait)
+                except ConnectionResetError:
+                    # The agent closed with a message of ours unread; the kernel reports
+                    # that before the packets still queued for us (its "exit"): read on.
+                    continue
                 for fd in fds:
                     os.close(fd)
                 if not data:
@@ -226,9 +242,25 @@ class AgentProcess:
             await self._stdin.write(data)
 
     def close_stdin(self) -> None:
-        """EOF for a pipe; a no-op for a TTY, whose input ends only with the process."""
-        if self._stdin is not None and not self.tty:
+        """EOF for a pipe; a no-op for a TTY, whose input ends only with the process.
+        The agent holds a copy of the stdin end too: it is told to close it."""
+        if self._stdin is not None and not self.tty and not self._stdin.closed:
             self._stdin.close()
+            if self._closed or self.returncode is not None:
+                return
+            try:
+                self._sock.send(b"stdin-close", socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                # A full socket buffer (never seen with messages this small): queue it.
+                task = asyncio.create_task(self._send_later(b"stdin-close"))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+            except OSError:
+                pass
+
+    async def _send_later(self, msg: bytes) -> None:
+        with contextlib.suppress(OSError):
+            await _send(self._sock, msg)
 
     @property
     def stdin_open(self) -> bool:
@@ -264,13 +296,14 @@ class AgentProcess:
         self._sock.close()
 
 
-async def _recv(sock: socket.socket, waiter: _Waiter | None = None) -> tuple[bytes, list[int]]:
-    """One packet and any fds it carries."""
+async def _recv(sock: socket.socket, waiter: _Waiter | None = None,
+                size: int = 4096) -> tuple[bytes, list[int]]:
+    """One packet (up to `size` bytes) and any fds it carries."""
     waiter = waiter or _Waiter(sock.fileno(), write=False)
     while True:
         try:
             data, anc, _flags, _addr = sock.recvmsg(
-                4096, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+                size, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             await waiter.wait()
             continue
@@ -443,7 +476,8 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
                 mine.append(r)
                 theirs.append(w)
         try:
-            await asyncio.wait_for(_send(conn, request, theirs), ANSWER_TIMEOUT)
+            # The child's three ends, then ours (the agent keeps copies: see the module doc).
+            await asyncio.wait_for(_send(conn, request, theirs + mine), ANSWER_TIMEOUT)
             reply, fds = await asyncio.wait_for(_recv(conn), ANSWER_TIMEOUT)
         except TimeoutError:
             raise SpriteUnresponsive(f"the sprite's init agent did not answer within "
@@ -473,12 +507,8 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
                 for fd in fds:
                     os.close(fd)
                 raise SystemError_("init agent sent no PTY master")
-            master = fds[0]
-            mine.append(master)
-            reader = FdReader(os.dup(master))
-            mine.append(reader.fd)
-            writer = FdWriter(os.dup(master))
-            return AgentProcess(conn, pid, True, reader, None, writer, master)
+            mine.append(fds[0])
+            return _tty_process(conn, pid, fds[0], mine)
         for fd in fds:
             os.close(fd)
         writer_ = FdWriter(mine[0]) if stdin else None
@@ -492,3 +522,80 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
                 pass
         conn.close()
         raise
+
+
+def _tty_process(conn: socket.socket, pid: int, master: int, mine: list[int]) -> AgentProcess:
+    """An AgentProcess on a PTY master (`mine` collects fds to close should this fail)."""
+    reader = FdReader(os.dup(master))
+    mine.append(reader.fd)
+    writer = FdWriter(os.dup(master))
+    return AgentProcess(conn, pid, True, reader, None, writer, master)
+
+
+async def list_orphans(sock: Path) -> list[tuple[int, bool, int | None]]:
+    """The agent's orphans (processes no server holds): (pid, running, exit code)."""
+    try:
+        conn = await asyncio.wait_for(_connect(sock), ANSWER_TIMEOUT)
+    except (TimeoutError, OSError):
+        raise SpriteUnresponsive("the sprite's init agent cannot be reached"
+                                 + _RESTART_HINT) from None
+    try:
+        await asyncio.wait_for(_send(conn, b"sessions\0"), ANSWER_TIMEOUT)
+        reply, fds = await asyncio.wait_for(_recv(conn, size=1 << 16), ANSWER_TIMEOUT)
+    except (TimeoutError, OSError):
+        raise SpriteUnresponsive("the sprite's init agent did not answer"
+                                 + _RESTART_HINT) from None
+    finally:
+        conn.close()
+    for fd in fds:
+        os.close(fd)
+    out: list[tuple[int, bool, int | None]] = []
+    for line in reply.decode(errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0].isdigit():
+            code = int(parts[2]) if parts[2].lstrip("-").isdigit() else -1
+            running = parts[1] == "running"
+            out.append((int(parts[0]), running, None if running else code))
+    return out
+
+
+async def adopt(sock: Path, pid: int) -> AgentProcess | None:
+    """Take over orphan `pid` (one a server detached from, or lost by dying): the same
+    `AgentProcess` a spawn gives, with the output the process wrote meanwhile still in its
+    pipes; an orphan that exited already reports its exit at once. None when the agent
+    keeps no such process (it exited and its record was freed or pushed out, or another
+    connection holds it). Raises `SpriteUnresponsive` when the agent cannot be reached."""
+    try:
+        conn = await asyncio.wait_for(_connect(sock), ANSWER_TIMEOUT)
+    except (TimeoutError, OSError):
+        raise SpriteUnresponsive("the sprite's init agent cannot be reached"
+                                 + _RESTART_HINT) from None
+    fds: list[int] = []
+    try:
+        try:
+            await asyncio.wait_for(_send(conn, b"adopt\0pid=%d\0" % pid), ANSWER_TIMEOUT)
+            reply, fds = await asyncio.wait_for(_recv(conn), ANSWER_TIMEOUT)
+        except (TimeoutError, OSError):
+            raise SpriteUnresponsive("the sprite's init agent did not answer"
+                                     + _RESTART_HINT) from None
+        if reply != b"pid %d" % pid or len(fds) > 3:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return None
+        if len(fds) == 1:
+            return _tty_process(conn, pid, fds[0], fds)
+        while len(fds) < 2:  # the agent kept no ends: nothing to read, EOF at once
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.close(w)
+            fds.append(r)
+        stdin = FdWriter(fds[0]) if len(fds) == 3 else None
+        return AgentProcess(conn, pid, False, FdReader(fds[-2]), FdReader(fds[-1]), stdin,
+                            None)
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        conn.close()
+        raise
+

@@ -16,12 +16,26 @@
  *                     "path=P" (optional, default argv[0]), "arg=A" (repeated, argv),
  *                     "env=K=V" (repeated, the whole environment), "cwd=D", "uid=N",
  *                     "gid=N", "groups=N,N,..", "tty=0|1", "rows=N", "cols=N".
- *                     Non-TTY: exactly three fds (stdin, stdout, stderr) via SCM_RIGHTS.
+ *                     Non-TTY: via SCM_RIGHTS the child's three fds (stdin, stdout,
+ *                     stderr), then the host's ends the agent keeps (see "Sessions"):
+ *                     stdin write end, stdout read end, stderr read end (6 fds), or only
+ *                     the two read ends (5 fds: no stdin pipe), or none (3 fds).
  *                     TTY: no fds.
  *   agent -> server   "pid N"   (TTY: with the PTY master fd via SCM_RIGHTS)
  *                     "error MESSAGE"   (request refused; the connection is closed)
  *                     "exit N"  (N = exit code, or 128+signal; the connection is closed)
  *   server -> agent   "signal N" (to the process group of the command)
+ *                     "stdin-close" (the server closed its stdin end: the agent closes its
+ *                     copy, so the process reads EOF)
+ *
+ *   server -> agent   "sessions" -> one line per orphan (below), "PID\tSTATE\tCODE\n",
+ *                     STATE running|exited, CODE -1 while running; "\n" if none. Closed.
+ *   server -> agent   "adopt" "pid=N" -> binds this connection to orphan N: "pid N" with
+ *                     its kept host ends via SCM_RIGHTS (1 fd: the PTY master; 2: stdout,
+ *                     stderr; 3: stdin, stdout, stderr), then, like a spawn, "exit N" (at
+ *                     once if it exited already; the record is then freed) and "signal N",
+ *                     "stdin-close" apply. "error no such process" / "error process is
+ *                     attached" / "error bad adopt request" otherwise.
  *
  *   server -> agent   "cgroups" with up to MAX_JOIN fds via SCM_RIGHTS: each an open
  *                     (by host root) `cgroup.procs` of the sprite's workload cgroup in one
@@ -60,6 +74,18 @@
  * memory limits are the workload's plus a small reserve. A fork bomb or a memory hog fills
  * the workload cgroup, never the reserve, so the agent can still fork the process the user
  * needs (`kill -9 -1`): the kernel charges a migration even past a full pids limit.
+ *
+ * Sessions: the agent keeps a copy of the host's ends of each process's pipes (of its PTY
+ * master) for as long as it keeps the process's record; it never reads or writes them. So
+ * a server that dies (or detaches, closing the connection while the process runs) takes
+ * nothing with it: the process sees no EOF, EPIPE or SIGHUP, and what it writes waits in
+ * the pipe (once a pipe is full, 64 KiB by default, the writer blocks until a server
+ * adopts it and reads; nothing is lost). The record of such a process is an "orphan"; it
+ * keeps its exit code once reaped, and its ends (which may hold unread output) until a
+ * server adopts it. Exited orphans are bounded: past MAX_EXITED_ORPHANS (64) the one that
+ * exited first is dropped; MAX_ORPHANS records in all (a running orphan that finds none
+ * free runs on without its ends, as if the agent had never kept them). A connection that
+ * closes after its process's exit frees everything (the server read the exit).
  *
  * If the server closes the connection, the process keeps running, detached. Spawn
  * failures after the fork (bad cwd, command not found) are reported the way a shell
@@ -111,13 +137,34 @@
 
 enum conn_state { C_FREE = 0, C_WAIT_REQUEST, C_RUNNING };
 
+/* Host ends the agent keeps for a process (see "Sessions" above): [0] the stdin write end
+ * (TTY: the PTY master), [1] the stdout read end, [2] the stderr read end; -1 = none. */
+struct kept {
+    int fd[3];
+    int tty;
+};
+
 struct conn {
     int fd;
     enum conn_state state;
     pid_t pid;
+    struct kept keep; /* C_RUNNING: the process's kept host ends */
 };
 
 static struct conn conns[MAX_CONNS];
+
+/* A process whose connection closed while it ran (see "Sessions"); pid 0 = free slot. */
+#define MAX_ORPHANS MAX_CONNS
+#define MAX_EXITED_ORPHANS 64
+struct orphan {
+    pid_t pid;
+    struct kept keep;
+    int exited, code;
+    long long exited_seq; /* order of exit: the oldest exited record goes first */
+};
+static struct orphan orphans[MAX_ORPHANS];
+static long long orphan_seq;
+static char sessions_out[MAX_ORPHANS * 40 + 1];
 #define MAX_SERVICES 64
 static struct pollfd pfds[MAX_CONNS + 2 + 2 * MAX_SERVICES];
 static int pfd_conn[MAX_CONNS + 2 + 2 * MAX_SERVICES];
@@ -191,14 +238,95 @@ static void send_text(int sock, const char *fmt, ...)
     send_packet(sock, buf, (size_t)n, -1);
 }
 
+static void kept_clear(struct kept *k)
+{
+    k->fd[0] = k->fd[1] = k->fd[2] = -1;
+    k->tty = 0;
+}
+
+static void kept_close(struct kept *k)
+{
+    for (int i = 0; i < 3; i++)
+        if (k->fd[i] >= 0)
+            close(k->fd[i]);
+    kept_clear(k);
+}
+
+/* Close the connection and everything it keeps (a closed RUNNING connection whose process
+ * runs on is made an orphan first, by orphan_from_conn). */
 static void close_conn(struct conn *c)
 {
     if (c->state != C_FREE) {
+        /* Closing with unread packets (a "signal" or "stdin-close" that crossed our "exit")
+         * would make the peer's next recv fail with ECONNRESET before it reads "exit". */
+        char sink[64];
+        while (recv(c->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0)
+            ;
         close(c->fd);
+        kept_close(&c->keep);
         c->fd = -1;
         c->pid = 0;
         c->state = C_FREE;
     }
+}
+
+static void orphan_free(struct orphan *o)
+{
+    kept_close(&o->keep);
+    memset(o, 0, sizeof(*o));
+    kept_clear(&o->keep);
+}
+
+static struct orphan *orphan_find(pid_t pid)
+{
+    for (int i = 0; i < MAX_ORPHANS; i++)
+        if (orphans[i].pid == pid && pid > 0)
+            return &orphans[i];
+    return NULL;
+}
+
+/* The exited orphan that exited first, or NULL; *count gets how many there are. */
+static struct orphan *oldest_exited(int *count)
+{
+    struct orphan *old = NULL;
+    int n = 0;
+    for (int i = 0; i < MAX_ORPHANS; i++) {
+        if (orphans[i].pid > 0 && orphans[i].exited) {
+            n++;
+            if (!old || orphans[i].exited_seq < old->exited_seq)
+                old = &orphans[i];
+        }
+    }
+    if (count)
+        *count = n;
+    return old;
+}
+
+/* The connection of a running process closed: keep its record and host ends. With every
+ * slot taken by running orphans the ends are closed (the process runs on, unadoptable). */
+static void orphan_from_conn(struct conn *c)
+{
+    if (c->state != C_RUNNING || c->pid <= 0)
+        return;
+    struct orphan *o = orphan_find(c->pid);
+    if (o)
+        orphan_free(o); /* cannot happen: one record per live pid */
+    o = NULL;
+    for (int i = 0; i < MAX_ORPHANS && !o; i++)
+        if (orphans[i].pid == 0)
+            o = &orphans[i];
+    if (!o) {
+        o = oldest_exited(NULL);
+        if (o)
+            orphan_free(o);
+    }
+    if (!o)
+        return; /* close_conn closes the ends */
+    o->pid = c->pid;
+    o->keep = c->keep;
+    kept_clear(&c->keep);
+    o->exited = 0;
+    o->code = -1;
 }
 
 static void close_fds(int *fds, int n)
@@ -646,8 +774,8 @@ static void handle_request(struct conn *c, char *buf, size_t len, int *fds, int 
 {
     struct request r;
     const char *err = parse_request(buf, len, &r);
-    if (!err && !r.tty && nfds != 3)
-        err = "non-TTY spawn needs exactly 3 fds";
+    if (!err && !r.tty && nfds != 3 && nfds != 5 && nfds != 6)
+        err = "non-TTY spawn needs 3, 5 or 6 fds";
     if (!err && r.tty && nfds != 0)
         err = "TTY spawn takes no fds";
     if (err) {
@@ -666,6 +794,19 @@ static void handle_request(struct conn *c, char *buf, size_t len, int *fds, int 
         close_conn(c);
         return;
     }
+    /* Host ends to keep (fds 3.. of a non-TTY spawn): 6 = stdin, stdout, stderr; 5 = no
+     * stdin pipe. */
+    struct kept keep;
+    kept_clear(&keep);
+    keep.tty = r.tty;
+    if (nfds == 6) {
+        keep.fd[0] = fds[3];
+        keep.fd[1] = fds[4];
+        keep.fd[2] = fds[5];
+    } else if (nfds == 5) {
+        keep.fd[1] = fds[3];
+        keep.fd[2] = fds[4];
+    }
     int fork_errno = 0;
     pid_t pid = r.tty ? zygote_spawn(buf, len, &slave, 1) : zygote_spawn(buf, len, fds, 3);
     if (pid == 0) {
@@ -679,26 +820,30 @@ static void handle_request(struct conn *c, char *buf, size_t len, int *fds, int 
     }
     free(r.argv);
     free(r.envp);
-    close_fds(fds, nfds);
+    close_fds(fds, nfds < 3 ? nfds : 3); /* the child's ends; the host ends are in keep */
     if (slave >= 0)
         close(slave);
+    keep.fd[0] = r.tty ? master : keep.fd[0];
     if (pid < 0) {
         send_text(c->fd, "error fork: %s", strerror(fork_errno));
-        if (master >= 0)
-            close(master);
+        kept_close(&keep);
         close_conn(c);
         return;
     }
+    /* A pid is unique among records: an exited orphan whose pid came round again is gone. */
+    struct orphan *stale = orphan_find(pid);
+    if (stale)
+        orphan_free(stale);
     char msg[32];
     int n = snprintf(msg, sizeof(msg), "pid %d", (int)pid);
     c->pid = pid;
     c->state = C_RUNNING;
+    c->keep = keep;
     if (send_packet(c->fd, msg, (size_t)n, master) < 0) {
-        /* The server is gone already: the process runs on, detached. */
+        /* The server is gone already: the process runs on, detached and adoptable. */
+        orphan_from_conn(c);
         close_conn(c);
     }
-    if (master >= 0)
-        close(master);
     prepare_zygote(); /* if there was none: the next spawn has one */
 }
 
@@ -710,6 +855,14 @@ static void signal_group(pid_t pid, int sig)
 
 static void handle_running(struct conn *c, char *buf, size_t len)
 {
+    if (len == sizeof("stdin-close") - 1 && !memcmp(buf, "stdin-close", len)) {
+        /* The server closed its stdin end: drop ours so that the process sees EOF. */
+        if (!c->keep.tty && c->keep.fd[0] >= 0) {
+            close(c->keep.fd[0]);
+            c->keep.fd[0] = -1;
+        }
+        return;
+    }
     if (len < 8 || len > 32 || memcmp(buf, "signal ", 7) != 0)
         return;
     char tmp[33];
@@ -1236,6 +1389,74 @@ static void set_join_fds(int *fds, int nfds)
     }
 }
 
+/* "sessions": one line per orphan, "PID\tSTATE\tCODE\n" (STATE running or exited; CODE -1
+ * while it runs); "\n" when there is none. The connection is closed. */
+static void list_orphans(struct conn *c)
+{
+    size_t off = 0;
+    for (int i = 0; i < MAX_ORPHANS; i++) {
+        struct orphan *o = &orphans[i];
+        if (o->pid <= 0)
+            continue;
+        int n = snprintf(sessions_out + off, sizeof(sessions_out) - off, "%d\t%s\t%d\n",
+                         (int)o->pid, o->exited ? "exited" : "running",
+                         o->exited ? o->code : -1);
+        if (n < 0 || (size_t)n >= sizeof(sessions_out) - off)
+            break;
+        off += (size_t)n;
+    }
+    send_packet(c->fd, off ? sessions_out : "\n", off ? off : 1, -1);
+    close_conn(c);
+}
+
+/* "adopt" "pid=N": bind this connection to orphan N. Answer "pid N" with its kept host ends
+ * (1 fd: the PTY master; 2: stdout, stderr; 3: stdin, stdout, stderr), as a spawn does;
+ * then "exit N", at once if it has exited (the record is freed: the server has the ends). */
+static void handle_adopt(struct conn *c, char *buf, size_t len)
+{
+    const char *err = NULL;
+    long long v = 0;
+    struct orphan *o = NULL;
+    char *pid_field = buf + sizeof("adopt");
+    size_t rest = len - sizeof("adopt");
+    if (buf[len - 1] != '\0' || rest < sizeof("pid=0") || strlen(pid_field) != rest - 1
+        || strncmp(pid_field, "pid=", 4) || parse_num(pid_field + 4, 1, INT_MAX, &v)) {
+        err = "bad adopt request";
+    } else if (!(o = orphan_find((pid_t)v))) {
+        int bound = 0;
+        for (int i = 0; i < MAX_CONNS; i++)
+            if (conns[i].state == C_RUNNING && conns[i].pid == (pid_t)v)
+                bound = 1;
+        err = bound ? "process is attached" : "no such process";
+    }
+    if (err) {
+        send_text(c->fd, "error %s", err);
+        close_conn(c);
+        return;
+    }
+    int fds[3], nfds = 0;
+    for (int i = 0; i < 3; i++)
+        if (o->keep.fd[i] >= 0)
+            fds[nfds++] = o->keep.fd[i];
+    char msg[32];
+    int n = snprintf(msg, sizeof(msg), "pid %d", (int)o->pid);
+    if (send_packet_fds(c->fd, msg, (size_t)n, fds, nfds) < 0) {
+        close_conn(c); /* the orphan stays as it was */
+        return;
+    }
+    if (o->exited) {
+        send_text(c->fd, "exit %d", o->code);
+        orphan_free(o);
+        close_conn(c);
+        return;
+    }
+    c->state = C_RUNNING;
+    c->pid = o->pid;
+    c->keep = o->keep;
+    kept_clear(&o->keep);
+    orphan_free(o);
+}
+
 static void handle_conn(struct conn *c)
 {
     if (c->state == C_FREE)
@@ -1245,12 +1466,14 @@ static void handle_conn(struct conn *c)
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
             return;
+        orphan_from_conn(c);
         close_conn(c);
         return;
     }
     if (n == 0) {
-        /* Peer closed: a running process carries on, detached. */
+        /* Peer closed: a running process carries on, detached, kept as an orphan. */
         close_fds(fds, nfds);
+        orphan_from_conn(c);
         close_conn(c);
         return;
     }
@@ -1276,6 +1499,16 @@ static void handle_conn(struct conn *c)
     if (n > 4 && !memcmp(reqbuf, "svc-", 4)) {
         close_fds(fds, nfds);
         handle_service_request(c, reqbuf, (size_t)n);
+        return;
+    }
+    if ((size_t)n == sizeof("sessions") && !memcmp(reqbuf, "sessions", sizeof("sessions"))) {
+        close_fds(fds, nfds);
+        list_orphans(c);
+        return;
+    }
+    if ((size_t)n >= sizeof("adopt") && !memcmp(reqbuf, "adopt", sizeof("adopt"))) {
+        close_fds(fds, nfds);
+        handle_adopt(c, reqbuf, (size_t)n);
         return;
     }
     handle_request(c, reqbuf, (size_t)n, fds, nfds);
@@ -1305,6 +1538,7 @@ static void accept_all(int lfd)
         slot->fd = fd;
         slot->state = C_WAIT_REQUEST;
         slot->pid = 0;
+        kept_clear(&slot->keep);
     }
 }
 
@@ -1324,12 +1558,25 @@ static void reap(void)
             code = 128 + WTERMSIG(status);
         else
             continue;
+        int found = 0;
         for (int i = 0; i < MAX_CONNS; i++) {
             if (conns[i].state == C_RUNNING && conns[i].pid == pid) {
                 send_text(conns[i].fd, "exit %d", code);
                 close_conn(&conns[i]);
+                found = 1;
                 break;
             }
+        }
+        struct orphan *o = found ? NULL : orphan_find(pid);
+        if (o && !o->exited) {
+            /* Kept (with its host ends: unread output) until adopted or pushed out. */
+            o->exited = 1;
+            o->code = code;
+            o->exited_seq = ++orphan_seq;
+            int count;
+            struct orphan *old = oldest_exited(&count);
+            if (count > MAX_EXITED_ORPHANS && old)
+                orphan_free(old);
         }
         for (int i = 0; i < MAX_SERVICES; i++) {
             if (services[i].used && services[i].pid == pid) {
@@ -1358,6 +1605,9 @@ static void signal_everyone(int sig)
     for (int i = 0; i < MAX_CONNS; i++)
         if (conns[i].state == C_RUNNING)
             signal_group(conns[i].pid, sig);
+    for (int i = 0; i < MAX_ORPHANS; i++)
+        if (orphans[i].pid > 0 && !orphans[i].exited)
+            signal_group(orphans[i].pid, sig);
     for (int i = 0; i < MAX_SERVICES; i++)
         if (services[i].used && services[i].pid > 0)
             signal_group(services[i].pid, sig);
