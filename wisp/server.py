@@ -118,7 +118,9 @@ def build(config: Config) -> tuple[Services, Starlette]:
     volume = Volume(config)
     images = ImageStore(config.images_dir)
     runtime = ContainerRuntime(config.runc_root, config.run_dir / "sprites")
-    sessions = SessionRegistry()
+    # On the host's tmpfs beside the agents' sockets: exec output outlives this process
+    # (a restart adopts it, docs/exec.md) but not the host, like the sprites' processes.
+    sessions = SessionRegistry(state_dir=runtime.agent_root / "sessions")
     network = Network(config.network, runtime.tag)
     sprites = Sprites(config, store, volume, images, runtime, sessions, network)
     volume.on_lost = sprites.storage_lost

@@ -744,6 +744,9 @@ class Sprites:
             await self.runtime.stop(sprite_id)
             await self.network.detach(sprite_id)
             self.activity.forget(sprite_id)  # its API tasks held the run that ended
+        for row in self.store.all_sprites():  # and its sessions' files their processes
+            if row.id not in keep:
+                await self.sessions.close_sprite(row.name)
         kept_dirs = tuple(str(self.sprites_run / i) + "/" for i in keep)
         if self.sprites_run.exists():
             for point, _ in mounts_under(self.sprites_run):
@@ -845,6 +848,9 @@ class Sprites:
         """Stop one sprite found running (whatever its record says), under its lock."""
         async with self.lock(sprite_id):
             await self._stop(sprite_id)
+            row = self.store.sprite(sprite_id)
+            if row is not None:
+                await self.sessions.close_sprite(row.name)
 
     async def stop_all(self, keep: bool = False) -> None:
         """Server shutdown: end background work and the unnamed warm sprites; then stop

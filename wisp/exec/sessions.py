@@ -835,7 +835,9 @@ class SessionRegistry:
                 ring = OutputRing(self.ring_bytes)
             session = Session(self, name, sid, proc, spec, meta["workdir"], ring,
                               pid=meta["pid"], created=meta["created"])
-            live[sid] = session
+            # looked up again: while this awaited the agent, a sibling that found its
+            # process gone may have dropped the (then empty) dict `live` still points to
+            self._live.setdefault(name, {})[sid] = session
             session.start()
             session._arm_disconnect_timer()
             return True
@@ -847,7 +849,7 @@ class SessionRegistry:
         session.exit_code = code if isinstance(code, int) else AGENT_LOST_EXIT
         session.exited_at = exited_at
         session.finished.set()
-        if not live:
+        if not self._live.get(name):
             self._live.pop(name, None)
         self._retire(session)
         return False
