@@ -4,8 +4,9 @@ running, each with a background process and a detached exec session, and how man
 their processes were lost on the way (the goal: none).
 
 The time runs from the new server process's start (Python's own start-up included) to the
-first 200 of `GET /v1/sprites`, polled every 5 ms; the processes are counted on the host,
-in the sprites' cgroups, before the stop and after the start. Done after a SIGTERM (an
+first 200 of `GET /v1/sprites`, polled every 5 ms; the bench's long-lived processes
+(2 per sprite) are counted on the host, in the sprites' cgroups, before the stop and
+after the start. Done after a SIGTERM (an
 upgrade) and after a SIGKILL (a crash), on a server with the product's default
 (`stop_sprites = false`).
 """
@@ -27,7 +28,9 @@ COUNT = 20
 
 
 def _processes(srv: WispServer) -> int:
-    """Processes in every sprite's cgroup (pids hierarchy, workload cgroup included)."""
+    """The long-lived processes the bench started in the sprites (each sprite's `sleep` and
+    its session's shell), found in the sprites' cgroups: the loops' short `sleep 1`
+    children come and go, so they are not counted."""
     total = 0
     root = Path("/sys/fs/cgroup/pids/wisp")
     if not root.is_dir():
@@ -35,9 +38,15 @@ def _processes(srv: WispServer) -> int:
     for sprite in (srv.data_dir / "run" / "sprites").glob("sprite-*"):
         for procs in (root / sprite.name).rglob("cgroup.procs"):
             try:
-                total += len(procs.read_text().split())
+                pids = procs.read_text().split()
             except OSError:
                 continue
+            for pid in pids:
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                total += cmd.startswith(b"sleep\x001000000") or b"echo tick" in cmd
     return total
 
 
@@ -67,6 +76,8 @@ def run(bench_cls: Any, base: Path, samples: int) -> list[tuple[str, list[float]
             ready, lost = [], []
             for _ in range(max(1, samples // 2)):
                 before = _processes(srv)
+                if before != 2 * COUNT:  # the count must see what the bench started
+                    raise RuntimeError(f"{before} bench processes before the restart")
                 if how == "SIGTERM":
                     srv.stop()
                 else:
