@@ -118,8 +118,8 @@ def build(config: Config) -> tuple[Services, Starlette]:
     volume = Volume(config)
     images = ImageStore(config.images_dir)
     runtime = ContainerRuntime(config.runc_root, config.run_dir / "sprites")
-    # On the host's tmpfs beside the agents' sockets: exec output outlives this process
-    # (a restart adopts it, docs/exec.md) but not the host, like the sprites' processes.
+    # On a tmpfs beside the agents' sockets: exec output outlives this process (a restart
+    # adopts it, docs/exec.md) but not the host, like the sprites' processes.
     sessions = SessionRegistry(state_dir=runtime.agent_root / "sessions")
     network = Network(config.network, runtime.tag)
     sprites = Sprites(config, store, volume, images, runtime, sessions, network)
@@ -139,6 +139,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
         # when their storage is still mounted and answering (docs/lifecycle.md).
         survivors = sprites.survivors() if keep and await volume.adoptable() else set()
         await sprites.clear_host(survivors)
+        sessions.mount()  # after clear_host, which unmounts it unless sprites are kept
         networked = await network.start(survivors)
         await volume.start(adopt=keep)
         await sprites.recover()

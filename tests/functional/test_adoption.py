@@ -192,6 +192,10 @@ def test_egress_policy_holds_across_a_restart(leak_check: Path, internet: Intern
         sh(s, f"setsid sh -c 'curl -sSN http://web.test:{PORT}/drip > /tmp/drip.out 2>&1' "
               "</dev/null >/dev/null 2>&1 &")
         assert fetch(s, internet.OTHER) == "FAILED\n"
+        deadline = time.monotonic() + 10  # the connection is up before the server dies
+        while "drip 3" not in sh(s, "cat /tmp/drip.out"):
+            assert time.monotonic() < deadline, sh(s, "cat /tmp/drip.out")
+            time.sleep(0.1)
         srv.kill()
         srv.start()
         s = _client(srv).sprite("adopt-pol")

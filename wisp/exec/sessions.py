@@ -45,6 +45,7 @@ from wisp.errors import Gone, SessionNotFound
 from wisp.runtime import agent
 from wisp.runtime.agent import AGENT_LOST_EXIT, AgentProcess, FdReader
 from wisp.runtime.base import SpriteHandle
+from wisp.system import is_mountpoint, mount_tmpfs
 
 log = logging.getLogger(__name__)
 
@@ -708,6 +709,20 @@ class SessionRegistry:
         self.state_dir = state_dir
         self._live: dict[str, dict[str, Session]] = {}
         self._exited: dict[str, dict[str, Session]] = {}
+
+    def mount(self) -> None:
+        """Make `state_dir` a tmpfs of its own unless it is one already (a server that
+        adopts finds its predecessor's, with the rings in it).
+
+        Why a tmpfs: every exec maps a ring and writes its metadata there; on a disk-backed
+        /run (this machine kind has one) that cost ~0.9 ms per exec and disk writeback.
+        Unlimited in size: the rings are sparse and bounded per session, and a full tmpfs
+        would SIGBUS the server on a write into a ring's mapping. Removed with the rest of
+        the server's /run/wisp/<tag> when it stops its sprites (`release_agent_root`)."""
+        if self.state_dir is None or is_mountpoint(self.state_dir, "tmpfs"):
+            return
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mount_tmpfs(self.state_dir, "size=0,nr_inodes=0,mode=0700")
 
     async def start(self, handle: SpriteHandle, spec: ExecSpec) -> Session:
         """Spawn spec in the sprite as its user and register the session (not yet reading:
