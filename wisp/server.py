@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the real imports happen in build(), keeping `wisp --help` f
     from wisp.images import ImageStore
     from wisp.network import Network
     from wisp.policies import Policies
-    from wisp.runtime.container import ContainerRuntime
+    from wisp.runtime.base import Runtime
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
     from wisp.urls import SpriteUrls
@@ -50,7 +50,7 @@ class Services:
     store: Store
     volume: Volume
     images: ImageStore
-    runtime: ContainerRuntime
+    runtime: Runtime
     sessions: SessionRegistry
     sprites: Sprites
     checkpoints: Checkpoints
@@ -120,7 +120,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     runtime = ContainerRuntime(config.runc_root, config.run_dir / "sprites")
     # On a tmpfs beside the agents' sockets: exec output outlives this process (a restart
     # adopts it, docs/exec.md) but not the host, like the sprites' processes.
-    sessions = SessionRegistry(state_dir=runtime.agent_root / "sessions")
+    sessions = SessionRegistry(state_dir=runtime.host_dir / "sessions")
     network = Network(config.network, runtime.tag)
     sprites = Sprites(config, store, volume, images, runtime, sessions, network)
     volume.on_lost = sprites.storage_lost

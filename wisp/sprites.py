@@ -35,8 +35,7 @@ from wisp.db import CheckpointRow, SpriteRow, Store, now
 from wisp.errors import BadRequest, InvalidName, SpriteExists, SpriteNotFound, SystemError_
 from wisp.lifecycle import TASKS_DIR, Activity, Task, read_task_files
 from wisp.network import Network, policy
-from wisp.runtime.base import Limits, SpriteHandle
-from wisp.runtime.container import ContainerRuntime
+from wisp.runtime.base import Limits, Runtime, SpriteHandle
 from wisp.storage import disk
 from wisp.storage.juicefs import Volume
 from wisp.system import loop_backings, mounts_under, pid_alive, run
@@ -87,7 +86,7 @@ class Sprites:
     """Owns every sprite on this host: records, disks, mounts and runtime."""
 
     def __init__(self, config: Config, store: Store, volume: Volume, images: ImageStore,
-                 runtime: ContainerRuntime, sessions: SessionRegistry,
+                 runtime: Runtime, sessions: SessionRegistry,
                  network: Network) -> None:
         self.config = config
         self.store = store
@@ -761,7 +760,7 @@ class Sprites:
             if backing not in kept_disks:
                 await run("losetup", "-d", dev, check=False)
         if not keep:
-            self.runtime.release_agent_root()
+            self.runtime.release()
         self._live.clear()
 
     async def adopt(self, sprite_ids: Collection[str]) -> int:

@@ -718,7 +718,7 @@ class SessionRegistry:
         /run (this machine kind has one) that cost ~0.9 ms per exec and disk writeback.
         Unlimited in size: the rings are sparse and bounded per session, and a full tmpfs
         would SIGBUS the server on a write into a ring's mapping. Removed with the rest of
-        the server's /run/wisp/<tag> when it stops its sprites (`release_agent_root`)."""
+        the server's /run/wisp/<tag> when it stops its sprites (`Runtime.release`)."""
         if self.state_dir is None or is_mountpoint(self.state_dir, "tmpfs"):
             return
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

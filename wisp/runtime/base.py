@@ -56,9 +56,22 @@ class Limits:
 
 
 class Runtime(abc.ABC):
-    """Operations every runtime driver implements. All are idempotent and check real state."""
+    """Operations every runtime driver implements. All are idempotent and check real state.
+
+    The sprite state machine (`wisp.sprites.Sprites`) reaches a driver only through this
+    class; a second driver (the QEMU microvm, issue 8) implements the same methods.
+    """
 
     name: str
+    #: Names this server's host objects (boot dirs, network namespaces, firewall table)
+    #: apart from another server's on the same host.
+    tag: str
+    #: The server's own directory under /run/wisp for this driver's host state (the
+    #: sprites' agent sockets, the exec sessions' tmpfs); `release` removes it.
+    host_dir: Path
+    #: Capabilities the state machine may ask for. `memory_snapshots`: a checkpoint can
+    #: hold the sprite's memory too (the microvm), not only its disk (containers).
+    memory_snapshots: bool = False
 
     @abc.abstractmethod
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
@@ -112,3 +125,23 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def list_ids(self) -> list[str]:
         """Ids of every sprite this driver has on the host, including crashed leftovers."""
+
+    @abc.abstractmethod
+    def agent_socket(self, sprite_id: str) -> Path:
+        """The host's unix socket to the sprite's agent (wisp-init): exec, services and
+        sessions go through it, whatever the driver carries it over."""
+
+    @abc.abstractmethod
+    def init_pid(self, sprite_id: str) -> int | None:
+        """The host pid whose life is the sprite's (its init, or its VM's process) while it
+        runs, else None: asked of the system, so a restarted server finds survivors."""
+
+    @abc.abstractmethod
+    async def rename(self, sprite_id: str, hostname: str) -> None:
+        """Give a running sprite its name (hostname and /etc/hosts): a warm-pool sprite
+        booted before it had one."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Remove `host_dir` with whatever a crash left mounted there; call only once no
+        sprite of this server runs."""

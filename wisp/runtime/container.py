@@ -90,6 +90,7 @@ class ContainerRuntime(Runtime):
         #: another server's on the same host.
         self.tag = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]
         self.agent_root = agent_root or Path("/run/wisp") / self.tag
+        self.host_dir = self.agent_root
         self.init_binary = init_binary or init_binary_path()
 
     def _runc(self, *args: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
@@ -433,7 +434,7 @@ class ContainerRuntime(Runtime):
             ids.update(line.strip() for line in res.stdout.decode().splitlines() if line.strip())
         return sorted(ids)
 
-    def release_agent_root(self) -> None:
+    def release(self) -> None:
         """Remove this server's directory under /run/wisp, with any boot tmpfs a crash
         left mounted there (call after every sprite is stopped)."""
         for point, _ in mounts_under(self.agent_root):
