@@ -145,9 +145,9 @@ class Checkpoints:
             os.replace(incoming, live)
             sprites.store.update_sprite(row.id, current_checkpoint=cp.id, updated_at=now())
             yield event("info", "Stopping sprite...")
-            await sprites._stop(row.id, discard=True, restarting=True)
+            await sprites.stop_locked(row.id, discard_disk=True)
             yield event("info", "Starting sprite...")
-            await sprites._start(sprites.row(row.name))
+            await sprites.handle_locked(sprites.row(row.name))
         yield event("complete", f"Restored to {cp.id}", id=cp.id)
 
     # -- delete ---------------------------------------------------------------------------

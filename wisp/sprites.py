@@ -531,6 +531,13 @@ class Sprites:
         await self.handle(name)
         return await self.network.connect(row.id, host, port)
 
+    async def stop_locked(self, sprite_id: str, *, discard_disk: bool = False) -> None:
+        """For a caller holding the sprite's lock that starts it again at once
+        (`handle_locked`): end it, keeping its network namespace. `discard_disk`: its disk
+        image was just replaced (a restore), so the old disk's unwritten pages are dropped
+        rather than flushed."""
+        await self._stop(sprite_id, discard=discard_disk, restarting=True)
+
     async def handle_locked(self, row: SpriteRow) -> SpriteHandle:
         """`handle` for a caller that already holds the sprite's lock."""
         return await self._start(row)
