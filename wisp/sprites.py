@@ -402,32 +402,15 @@ class Sprites:
     async def consistent_clone(self, row: SpriteRow, dst: Path) -> None:
         """Clone `row`'s disk image to `dst` as a crash-consistent point in time.
 
-        Caller holds the sprite's lock. A running sprite is synced first (most dirty data
-        leaves while it still runs), then frozen — processes by the cgroup freezer, the ext4
-        by fsfreeze — for the metadata clone alone.
+        Caller holds the sprite's lock. A running (or warm) sprite is held still by its
+        runtime for the metadata clone alone (`Runtime.quiesced`).
         """
         live = self._live.get(row.id)
         if live is None or not pid_alive(live.init_pid):
             await self.volume.clone(self.disk_image(row.id), dst)
             return
-        disk_dir = self.disk_dir(row.id)
-        await disk.sync(disk_dir)
-        if live.state == "warm":  # frozen already, and stays so
-            await disk.freeze(disk_dir)
-            try:
-                await self.volume.clone(self.disk_image(row.id), dst)
-            finally:
-                await disk.thaw(disk_dir)
-            return
-        await self.runtime.pause(row.id)
-        try:
-            await disk.freeze(disk_dir)
-            try:
-                await self.volume.clone(self.disk_image(row.id), dst)
-            finally:
-                await disk.thaw(disk_dir)
-        finally:
-            await self.runtime.resume(row.id)
+        async with self.runtime.quiesced(row.id, self.disk_dir(row.id)):
+            await self.volume.clone(self.disk_image(row.id), dst)
 
     async def delete(self, name: str) -> None:
         row = self.row(name)

@@ -8,6 +8,7 @@ Callers outside `wisp/runtime/` only ever see `SpriteHandle`, never runc or QMP.
 from __future__ import annotations
 
 import abc
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,14 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def resume(self, sprite_id: str) -> None:
         """Thaw a paused sprite."""
+
+    @abc.abstractmethod
+    def quiesced(self, sprite_id: str, disk_dir: Path) -> AbstractAsyncContextManager[None]:
+        """Hold a running sprite still for a point-in-time copy of its disk image: inside
+        the block its processes are stopped and its filesystem is consistent on the image.
+        A warm (paused) sprite stays paused after. `disk_dir` is the host mount of the
+        sprite's disk, for a driver whose sprite filesystem is a host mount (containers);
+        a VM driver quiesces inside its guest instead."""
 
     @abc.abstractmethod
     def frozen(self, sprite_id: str) -> bool:
