@@ -138,6 +138,12 @@ class Sprites:
         """What the running sprite's disk holds beyond an empty disk: a checkpoint's cost."""
         return max(0, disk.used_bytes(self.disk_dir(sprite_id)) - self.empty_disk_bytes)
 
+    def _handle(self, row: SpriteRow) -> SpriteHandle:
+        """What exec and the filesystem API use to reach the running sprite."""
+        return SpriteHandle(name=row.name, rootfs=self.rootfs_dir(row.id),
+                            agent_socket=self.runtime.agent_socket(row.id),
+                            env=tuple(sorted(row.environment.items())))
+
     def lock(self, sprite_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sprite_id, asyncio.Lock())
 
@@ -290,9 +296,7 @@ class Sprites:
             log.warning("naming warm sprite %s failed (%s); it will boot cold", row.id, exc)
             await self._stop(row.id)
             return
-        handle = SpriteHandle(name=row.name, rootfs=self.rootfs_dir(row.id),
-                              agent_socket=self.runtime.agent_socket(row.id),
-                              env=tuple(sorted(row.environment.items())))
+        handle = self._handle(row)
         self._live[row.id] = _Live(handle, warm.init_pid, timers=self.idle_timers(row))
         self.activity.touch(row.id)
         self.store.update_sprite(row.id, last_running_at=now())
@@ -559,9 +563,7 @@ class Sprites:
         if pid is None:
             await asyncio.shield(self._stop(row.id))
             raise SystemError_(f"sprite '{row.name}' stopped right after it started")
-        handle = SpriteHandle(name=row.name, rootfs=rootfs,
-                              agent_socket=self.runtime.agent_socket(row.id),
-                              env=tuple(sorted(row.environment.items())))
+        handle = self._handle(row)
         self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
         self.activity.touch(row.id)
         self.store.update_sprite(row.id, last_running_at=now())
@@ -769,9 +771,7 @@ class Sprites:
                 await disk.thaw(self.disk_dir(sprite_id))
                 if self.runtime.frozen(sprite_id):
                     await self.runtime.resume(sprite_id)
-                handle = SpriteHandle(name=row.name, rootfs=self.rootfs_dir(row.id),
-                                      agent_socket=self.runtime.agent_socket(row.id),
-                                      env=tuple(sorted(row.environment.items())))
+                handle = self._handle(row)
                 await self.network.adopt_policy(
                     row.id, await asyncio.to_thread(policy.load, self.info_dir(row.id)))
                 self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
