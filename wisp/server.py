@@ -132,9 +132,9 @@ def build(config: Config) -> tuple[Services, Starlette]:
     svc = Services(config, token, store, volume, images, runtime, sessions, sprites,
                    checkpoints, network, policies, urls)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        keep = not config.stop_sprites
+    keep = not config.stop_sprites
+
+    async def startup() -> None:
         # Sprites an earlier server process left running are adopted, not torn down,
         # when their storage is still mounted and answering (docs/lifecycle.md).
         survivors = sprites.survivors() if keep and await volume.adoptable() else set()
@@ -149,27 +149,40 @@ def build(config: Config) -> tuple[Services, Starlette]:
         reclaimer.start()
         await urls.start()
         sleeper.start()
+
+    async def shutdown() -> None:
+        # Reverse order; each step runs even if the one before it failed (or never ran:
+        # a start-up that failed half way is undone the same way), so the volume is
+        # always flushed and unmounted last. With `keep` (the default) the sprites, their
+        # mounts, network and sessions stay for the next server.
+        steps = (sleeper.stop,
+                 urls.stop,  # its sockets would pin stopped sprites' namespaces
+                 sessions.detach_all if keep else sessions.close_all,
+                 functools.partial(sprites.stop_all, keep=keep),
+                 *(() if keep else (sprites.clear_host,)),  # what a cancelled start
+                 functools.partial(network.stop, keep=keep),  # left half made
+                 reclaimer.stop,  # a last pass for what the stopped sprites freed
+                 functools.partial(volume.stop, keep=keep))
+        for step in steps:
+            try:
+                await asyncio.shield(step())
+            except BaseException:
+                log.exception("shutdown step %s failed", getattr(
+                    step, "__qualname__", getattr(step, "func", step)))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            await startup()
+        except BaseException:
+            await asyncio.shield(shutdown())
+            store.close()
+            raise
         log.info("wisp ready on %s", config.listen)
         try:
             yield
         finally:
-            # Reverse order; each step runs even if the one before it failed, so the
-            # volume is always flushed and unmounted last. With `keep` (the default) the
-            # sprites, their mounts, network and sessions stay for the next server.
-            steps = (sleeper.stop,
-                     urls.stop,  # its sockets would pin stopped sprites' namespaces
-                     sessions.detach_all if keep else sessions.close_all,
-                     functools.partial(sprites.stop_all, keep=keep),
-                     *(() if keep else (sprites.clear_host,)),  # what a cancelled start
-                     functools.partial(network.stop, keep=keep),  # left half made
-                     reclaimer.stop,  # a last pass for what the stopped sprites freed
-                     functools.partial(volume.stop, keep=keep))
-            for step in steps:
-                try:
-                    await asyncio.shield(step())
-                except BaseException:
-                    log.exception("shutdown step %s failed", getattr(
-                        step, "__qualname__", getattr(step, "func", step)))
+            await shutdown()
             store.close()
 
     routes = [*sprite_routes(svc), *lifecycle_routes(sprites), *policy_routes(policies),

@@ -66,8 +66,10 @@ def _server_tags(base: str) -> set[str]:
     for d in (Path(base), *Path(base).iterdir()) if Path(base).is_dir() else ():
         if d.is_dir() and not os.path.ismount(d):
             candidates += [c for c in d.iterdir() if c.is_dir() and not os.path.ismount(c)]
+    # every candidate, run dir or not: a server whose start failed early may never have
+    # made one, yet have mounted something under /run/wisp/<its tag>
     return {hashlib.sha1(str((c / "run" / "sprites").resolve()).encode()).hexdigest()[:10]
-            for c in candidates if (c / "run").is_dir()}
+            for c in candidates}
 
 
 def _netns(tags: set[str]) -> list[str]:
