@@ -219,6 +219,12 @@ def _raw(handle: SpriteHandle, payload: bytes, fds: list[int] | None = None,
         s.close()
 
 
+def _assert_still_serving(handle: SpriteHandle) -> None:
+    """The agent survived what the test threw at it: it still runs a command."""
+    out, _, code = asyncio.run(_run(handle, ["echo", "still alive"]))
+    assert (out, code) == (b"still alive\n", 0)
+
+
 def test_bad_requests_are_refused_and_the_agent_survives(handle: SpriteHandle) -> None:
     """Garbage, missing fields, wrong fd counts and oversized requests get an error reply;
     the agent keeps serving afterwards."""
@@ -239,8 +245,7 @@ def test_bad_requests_are_refused_and_the_agent_survives(handle: SpriteHandle) -
     finally:
         os.close(r)
         os.close(w)
-    out, _, code = asyncio.run(_run(handle, ["echo", "still alive"]))
-    assert (out, code) == (b"still alive\n", 0)
+    _assert_still_serving(handle)
 
 
 def test_fuzzed_requests_never_kill_the_agent(handle: SpriteHandle) -> None:
@@ -266,8 +271,7 @@ def test_fuzzed_requests_never_kill_the_agent(handle: SpriteHandle) -> None:
     finally:
         os.close(r)
         os.close(w)
-    out, _, code = asyncio.run(_run(handle, ["echo", "still alive"]))
-    assert (out, code) == (b"still alive\n", 0)
+    _assert_still_serving(handle)
 
 
 def test_client_refuses_oversized_and_malformed_requests(handle: SpriteHandle) -> None:
@@ -474,8 +478,7 @@ def test_bad_adopt_requests_are_refused(handle: SpriteHandle) -> None:
     finally:
         os.close(r)
         os.close(w)
-    out, _, code = asyncio.run(_run(handle, ["echo", "still alive"]))
-    assert (out, code) == (b"still alive\n", 0)
+    _assert_still_serving(handle)
 
 
 def test_a_close_after_the_exit_keeps_nothing(handle: SpriteHandle) -> None:

@@ -352,6 +352,27 @@ async def _connect(path: Path) -> socket.socket:
     return sock
 
 
+async def _reach(sock: Path) -> socket.socket:
+    """A connection to the agent, or `SpriteUnresponsive` within `ANSWER_TIMEOUT`."""
+    try:
+        return await asyncio.wait_for(_connect(sock), ANSWER_TIMEOUT)
+    except (TimeoutError, OSError):
+        raise SpriteUnresponsive("the sprite's init agent cannot be reached"
+                                 + _RESTART_HINT) from None
+
+
+async def _ask(conn: socket.socket, request: bytes, size: int = 4096
+               ) -> tuple[bytes, list[int]]:
+    """Send one request and read the one reply packet (with any fds), each within
+    `ANSWER_TIMEOUT`, or `SpriteUnresponsive`."""
+    try:
+        await asyncio.wait_for(_send(conn, request), ANSWER_TIMEOUT)
+        return await asyncio.wait_for(_recv(conn, size=size), ANSWER_TIMEOUT)
+    except (TimeoutError, OSError):
+        raise SpriteUnresponsive("the sprite's init agent did not answer"
+                                 + _RESTART_HINT) from None
+
+
 async def wait_ready(sock: Path, timeout: float) -> None:
     """Return once the agent accepts connections; raise `SystemError_` after `timeout`."""
     loop = asyncio.get_running_loop()
@@ -455,11 +476,7 @@ async def spawn(sock: Path, argv: Sequence[str], env: Mapping[str, str], cwd: st
     request = _encode_request(argv, env, cwd, uid, gid, groups, tty, rows, cols, path)
     if len(request) > MAX_REQUEST:
         raise BadRequest(f"command and environment too large ({len(request)} bytes)")
-    try:
-        conn = await asyncio.wait_for(_connect(sock), ANSWER_TIMEOUT)
-    except (TimeoutError, OSError):
-        raise SpriteUnresponsive("the sprite's init agent cannot be reached"
-                                 + _RESTART_HINT) from None
+    conn = await _reach(sock)
     _fit_send_buffer(conn, len(request))
     mine: list[int] = []   # host ends we keep
     theirs: list[int] = []  # child ends, closed once sent
@@ -534,17 +551,9 @@ def _tty_process(conn: socket.socket, pid: int, master: int, mine: list[int]) ->
 
 async def list_orphans(sock: Path) -> list[tuple[int, bool, int | None]]:
     """The agent's orphans (processes no server holds): (pid, running, exit code)."""
+    conn = await _reach(sock)
     try:
-        conn = await asyncio.wait_for(_connect(sock), ANSWER_TIMEOUT)
-    except (TimeoutError, OSError):
-        raise SpriteUnresponsive("the sprite's init agent cannot be reached"
-                                 + _RESTART_HINT) from None
-    try:
-        await asyncio.wait_for(_send(conn, b"sessions\0"), ANSWER_TIMEOUT)
-        reply, fds = await asyncio.wait_for(_recv(conn, size=1 << 16), ANSWER_TIMEOUT)
-    except (TimeoutError, OSError):
-        raise SpriteUnresponsive("the sprite's init agent did not answer"
-                                 + _RESTART_HINT) from None
+        reply, fds = await _ask(conn, b"sessions\0", size=1 << 16)
     finally:
         conn.close()
     for fd in fds:
@@ -565,19 +574,10 @@ async def adopt(sock: Path, pid: int) -> AgentProcess | None:
     pipes; an orphan that exited already reports its exit at once. None when the agent
     keeps no such process (it exited and its record was freed or pushed out, or another
     connection holds it). Raises `SpriteUnresponsive` when the agent cannot be reached."""
-    try:
-        conn = await asyncio.wait_for(_connect(sock), ANSWER_TIMEOUT)
-    except (TimeoutError, OSError):
-        raise SpriteUnresponsive("the sprite's init agent cannot be reached"
-                                 + _RESTART_HINT) from None
+    conn = await _reach(sock)
     fds: list[int] = []
     try:
-        try:
-            await asyncio.wait_for(_send(conn, b"adopt\0pid=%d\0" % pid), ANSWER_TIMEOUT)
-            reply, fds = await asyncio.wait_for(_recv(conn), ANSWER_TIMEOUT)
-        except (TimeoutError, OSError):
-            raise SpriteUnresponsive("the sprite's init agent did not answer"
-                                     + _RESTART_HINT) from None
+        reply, fds = await _ask(conn, b"adopt\0pid=%d\0" % pid)
         if reply != b"pid %d" % pid or len(fds) > 3:
             for fd in fds:
                 os.close(fd)
