@@ -828,9 +828,7 @@ class SessionRegistry:
 
     async def _adopt_one(self, handle: SpriteHandle, meta: dict[str, Any]) -> bool:
         name, sid = handle.name, meta["id"]
-        live = self._live.setdefault(handle.name, {})
-        exited = self._exited.setdefault(handle.name, {})
-        if sid in live or sid in exited:
+        if sid in self._live.get(name, {}) or sid in self._exited.get(name, {}):
             return False
         spec = ExecSpec(argv=tuple(meta["argv"]), path=meta.get("path"), tty=meta["tty"],
                         rows=meta["rows"], cols=meta["cols"], stdin=meta["stdin"],
@@ -850,8 +848,6 @@ class SessionRegistry:
                 ring = OutputRing(self.ring_bytes)
             session = Session(self, name, sid, proc, spec, meta["workdir"], ring,
                               pid=meta["pid"], created=meta["created"])
-            # looked up again: while this awaited the agent, a sibling that found its
-            # process gone may have dropped the (then empty) dict `live` still points to
             self._live.setdefault(name, {})[sid] = session
             session.start()
             session._arm_disconnect_timer()
@@ -864,8 +860,6 @@ class SessionRegistry:
         session.exit_code = code if isinstance(code, int) else AGENT_LOST_EXIT
         session.exited_at = exited_at
         session.finished.set()
-        if not self._live.get(name):
-            self._live.pop(name, None)
         self._retire(session)
         return False
 
