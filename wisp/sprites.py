@@ -19,6 +19,7 @@ an exec never see the disk half swapped; exec's fast path on a running sprite ta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -124,6 +125,11 @@ class Sprites:
         if cp_id == "v0":
             return self.template
         return self.volume_dir(sprite_id) / "checkpoints" / f"{cp_id}.img"
+
+    def hibernation(self, sprite_id: str) -> Path:
+        """A cold VM sprite's memory (docs/vm.md, "Hibernation"): written as it goes cold,
+        resumed and removed as it wakes; on the volume, so in object storage with S3."""
+        return self.volume_dir(sprite_id) / "hibernated.mem"
 
     def checkpoint_memory(self, sprite_id: str, cp_id: str) -> Path:
         """Checkpoint `cp_id`'s memory snapshot, beside its disk (VM sprites: docs/vm.md)."""
@@ -523,6 +529,7 @@ class Sprites:
             if was_running:
                 await self._terminate([row.id])
             await self._stop(row.id)
+            self.hibernation(row.id).unlink(missing_ok=True)  # of the old image's disk
             self.store.update_sprite(row.id, image_version=newest.version, updated_at=now())
             if was_running:
                 await self._start(self.row(name))
@@ -540,6 +547,7 @@ class Sprites:
             if row.id in self._live:
                 await self._terminate([row.id])
             await self._stop(row.id, restarting=True)
+            self.hibernation(row.id).unlink(missing_ok=True)  # every process ends
             await self._start(row)
         return row
 
@@ -576,6 +584,8 @@ class Sprites:
         (`handle_locked`): end it, keeping its network namespace. `discard_disk`: its disk
         image was just replaced (a restore), so the old disk's unwritten pages are dropped
         rather than flushed."""
+        if discard_disk:  # a hibernated memory belongs to the disk that was replaced
+            self.hibernation(sprite_id).unlink(missing_ok=True)
         await self._stop(sprite_id, discard=discard_disk, restarting=True)
 
     async def handle_locked(self, row: SpriteRow, memory: Path | None = None) -> SpriteHandle:
@@ -601,6 +611,15 @@ class Sprites:
                                f"'{row.name}' is missing")
         disk_dir, rootfs = self.disk_dir(row.id), self.rootfs_dir(row.id)
         rt = self.rt(row.id)
+        hibernated = self.hibernation(row.id)
+        if memory is None and rt.memory_snapshots and hibernated.exists():
+            try:
+                return await self._start(row, hibernated)
+            except Exception as exc:
+                log.warning("sprite %s could not resume from hibernation (%s); it boots",
+                            row.name, exc)
+            finally:
+                hibernated.unlink(missing_ok=True)
         try:
             if rt.host_rootfs:
                 await disk.mount_disk(self.disk_image(row.id), disk_dir, image.rootfs, rootfs)
@@ -753,9 +772,37 @@ class Sprites:
             self.store.update_sprite(row.id, last_warming_at=stamp, last_running_at=stamp)
             log.info("sprite %s is warm", row.name)
             return
+        if await self._hibernate(row.id):
+            log.info("sprite %s is cold, hibernated", row.name)
+            return
         await self._terminate([row.id])
         await self._stop(row.id)
         log.info("sprite %s is cold", row.name)
+
+    async def _hibernate(self, sprite_id: str) -> bool:
+        """Caller holds the lock. A running sprite whose driver has `memory_snapshots`
+        goes cold keeping its processes: its memory to the volume, then stopped (the
+        snapshot is not resumed, so its disk stays what the memory expects). False when
+        the driver has none or the snapshot failed (the sprite then stops as any other)."""
+        rt = self.rt(sprite_id)
+        live = self._live.get(sprite_id)
+        if not rt.memory_snapshots or live is None or not pid_alive(live.init_pid):
+            return False
+        path = self.hibernation(sprite_id)
+
+        async def nothing() -> None:  # the disk stays in place, consistent with the memory
+            return None
+
+        try:
+            await rt.snapshot(sprite_id, path, nothing, resume=False)
+        except Exception as exc:
+            log.warning("hibernating sprite %s failed (%s): it stops", sprite_id, exc)
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(Exception):
+                await rt.resume(sprite_id)
+            return False
+        await self._stop(sprite_id)
+        return True
 
     def _task_files(self, sprite_id: str) -> list[Task]:
         root = self.rt(sprite_id).sprite_path(sprite_id, "/")
@@ -784,8 +831,9 @@ class Sprites:
         restarts"): recorded and ready, their init alive, their root mounted."""
         mounted = {point for point, _ in mounts_under(self.sprites_run)}
         return {row.id for row in self.store.all_sprites()
-                if row.state == "ready" and self.rt(row.id).init_pid(row.id) is not None
-                and os.path.realpath(self.rootfs_dir(row.id)) in mounted}
+                if row.state == "ready" and (rt := self.rt(row.id)).init_pid(row.id) is not None
+                and (not rt.host_rootfs
+                     or os.path.realpath(self.rootfs_dir(row.id)) in mounted)}
 
     async def clear_host(self, keep: Collection[str] = ()) -> None:
         """Tear down whatever an earlier server process left running (reverse boot order),
@@ -844,9 +892,11 @@ class Sprites:
                 await disk.thaw(self.disk_dir(sprite_id))
                 if rt.frozen(sprite_id):
                     await rt.resume(sprite_id)
+                await rt.adopt(sprite_id, self.network.netns(sprite_id))
                 handle = self._handle(row)
-                await self.network.adopt_policy(
-                    row.id, await asyncio.to_thread(policy.load, self.info_dir(row.id)))
+                if rt.host_rootfs:  # a VM's policy: not yet (docs/vm.md)
+                    await self.network.adopt_policy(
+                        row.id, await asyncio.to_thread(policy.load, self.info_dir(row.id)))
                 self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
                 self.activity.touch(row.id)
                 self.activity.load(row.id)
@@ -934,6 +984,9 @@ class Sprites:
                     pass
             self._live.clear()
             return
+        for sprite_id in list(self._live):  # VM sprites keep their processes, asleep
+            async with self.lock(sprite_id):
+                await self._hibernate(sprite_id)
         # all at once, so that N sprites cost one grace period, not N
         await self._terminate(list(self._live))
         for sprite_id in list(self._live):

@@ -160,3 +160,86 @@ def test_runtime_field_at_create(vm_server: WispServer) -> None:
         client.close()
     finally:
         vm_server.api("DELETE", "/v1/sprites/rt-box")
+
+
+def test_guest_has_no_way_out(vm) -> None:
+    """The agent NIC (QEMU user networking with restrict=on) carries only the forwarded
+    agent port into the guest: the guest cannot open a connection to the host side of it
+    (10.0.2.2, which would be the sprite netns's loopback) nor anywhere else."""
+    # the control: the same probe reaches a port that does listen (the guest's relay)
+    script = ("nc -w 2 127.0.0.1 7000 </dev/null >/dev/null 2>&1 && echo control-ok; "
+              "for t in 10.0.2.2:7000 10.0.2.2:22 10.0.2.3:53 198.51.100.1:80; do "
+              "nc -w 2 ${t%:*} ${t#*:} </dev/null >/dev/null 2>&1 && echo open $t; done; "
+              "echo done")
+    assert _sh(vm, script) == "control-ok\ndone\n"
+    # and the relay still answers (nothing above broke the link)
+    assert _sh(vm, "echo ok") == "ok\n"
+
+
+def _hibernation_file(srv: WispServer, name: str) -> Path:
+    sprite_id = srv.api("GET", f"/v1/sprites/{name}").json()["id"]
+    return srv.data_dir / "mnt" / "sprites" / sprite_id / "hibernated.mem"
+
+
+def _qemu_of(srv: WispServer) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"qemu-system") and str(srv.data_dir).encode() in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_cold_sleep_hibernates_and_wakes_with_its_processes(vm, vm_server: WispServer
+                                                            ) -> None:
+    """A VM sprite going cold writes its memory to the volume and ends QEMU; the next call
+    resumes it: the same process counts on, and the memory file is gone again."""
+    pid = int(_sh(vm, COUNTER).strip())
+    before = _wait_count_past(vm, 2)
+    r = vm_server.api("POST", f"/v1/sprites/{vm.name}/sleep", json={"state": "cold"})
+    assert r.status_code == 200 and r.json()["status"] == "cold", r.text
+    assert _hibernation_file(vm_server, vm.name).exists()
+    assert _qemu_of(vm_server) == []
+    time.sleep(2)  # asleep, nothing counts
+    woke = _count(vm)
+    assert before <= woke < before + 25, (before, woke)
+    assert _wait_count_past(vm, woke) > woke
+    assert _sh(vm, f"cat /proc/{pid}/cmdline | tr '\\0' ' '").startswith("sh -c i=0")
+    assert not _hibernation_file(vm_server, vm.name).exists()
+    _sh(vm, f"kill {pid}")
+
+
+def test_server_restarts_kill_no_vm_process(vm, vm_server: WispServer) -> None:
+    """A server stop with `stop_sprites` hibernates a VM sprite and the next server wakes
+    it from memory; a stop that keeps sprites (the product's default) leaves QEMU running
+    and the next server adopts it. The same process counts on after both."""
+    pid = int(_sh(vm, COUNTER).strip())
+    c = _wait_count_past(vm, 2)
+    hibernated = _hibernation_file(vm_server, vm.name)
+    vm_server.stop()  # this module's server was started with stop_sprites
+    assert _qemu_of(vm_server) == []
+    vm_server.stop_sprites = False
+    try:
+        vm_server.start()
+        assert vm_server.api("GET", f"/v1/sprites/{vm.name}").json()["status"] == "cold"
+        assert hibernated.exists()  # (on the volume, mounted again)
+        c = _wait_count_past(vm, c)
+        assert _sh(vm, f"cat /proc/{pid}/cmdline | tr '\\0' ' '").startswith("sh -c i=0")
+        qemu = _qemu_of(vm_server)
+        assert len(qemu) == 1
+        vm_server.stop()  # keeps sprites: QEMU runs on
+        assert _qemu_of(vm_server) == qemu
+        vm_server.start()
+        info = vm_server.api("GET", f"/v1/sprites/{vm.name}").json()
+        assert info["status"] == "running" and _qemu_of(vm_server) == qemu
+        assert _wait_count_past(vm, c) > c
+        assert _sh(vm, f"cat /proc/{pid}/cmdline | tr '\\0' ' '").startswith("sh -c i=0")
+        _sh(vm, f"kill {pid}")
+    finally:  # back to this module's way of stopping (the fixture's last stop)
+        vm_server.stop()
+        vm_server.stop_sprites = True
+        vm_server.start()

@@ -100,11 +100,18 @@ class Runtime(abc.ABC):
         snapshot `memory` (`snapshot`) when given: its processes go on from there."""
 
     async def snapshot(self, sprite_id: str, memory: Path,
-                       copy_disk: Callable[[], Awaitable[None]]) -> None:
+                       copy_disk: Callable[[], Awaitable[None]], resume: bool = True) -> None:
         """With `memory_snapshots`: hold the running sprite still, run `copy_disk` (the
         disk image is consistent then), write its memory and device state to `memory`, and
-        let it go on."""
+        let it go on; with `resume=False` it stays held (it is to be stopped: a disk it
+        wrote to after the snapshot would no longer match the memory)."""
         raise NotImplementedError(f"the {self.name} runtime keeps no memory snapshots")
+
+    @abc.abstractmethod
+    async def adopt(self, sprite_id: str, netns: Path) -> None:
+        """Take over a sprite an earlier server process left running (its `init_pid`
+        alive): remake what lived in that process only. Raises when the sprite does not
+        answer; the caller then stops it."""
 
     def handle(self, sprite_id: str, handle: SpriteHandle) -> SpriteHandle:
         """The handle exec and the filesystem API use, from the state machine's `handle`:

@@ -133,6 +133,10 @@ class ContainerRuntime(Runtime):
                     f"127.0.1.1\t{hostname}\n")
         path.chmod(0o644)
 
+    async def adopt(self, sprite_id: str, netns: Path) -> None:
+        """Nothing of a container lives in the server process: its agent's socket is on
+        the host, its state in the kernel; `Sprites.adopt` checks and thaws the rest."""
+
     async def rename(self, sprite_id: str, hostname: str) -> None:
         """Give a running sprite its name: hostname (in its UTS namespace, set from the
         host, since root inside lacks CAP_SYS_ADMIN) and /etc/hosts."""

@@ -88,6 +88,17 @@ class VMRuntime(Runtime):
         base = await asyncio.to_thread(base_disk, base_rootfs)
         await self.boot(sprite_id, hostname, disk_image, base, limits, netns, memory)
 
+    async def adopt(self, sprite_id: str, netns: Path) -> None:
+        """QEMU outlived the server that started it (its own session); the relay to its
+        agent did not: listen again, and check the guest answers."""
+        self._netns[sprite_id] = netns
+        if not await probe(netns):
+            raise SystemError_(f"VM {sprite_id} does not answer", public="the sprite's VM "
+                               "does not answer")
+        relay = HostRelay(self.agent_socket(sprite_id), netns)
+        await relay.start()
+        self._relays[sprite_id] = relay
+
     def handle(self, sprite_id: str, handle: SpriteHandle) -> SpriteHandle:
         """Files are reached through the guest's own fs agent, on the guest's paths and
         ids (a VM's disks hold the ids the guest sees: `disks.base_disk`)."""
@@ -378,12 +389,16 @@ class VMRuntime(Runtime):
             qmp.close()
 
     async def snapshot(self, sprite_id: str, memory: Path,
-                       copy_disk: Callable[[], Awaitable[None]]) -> None:
+                       copy_disk: Callable[[], Awaitable[None]], resume: bool = True) -> None:
         """Pause the guest, run `copy_disk` (the disk image is consistent with the memory
-        while paused), write memory + device state to `memory`, resume."""
+        while paused), write memory + device state to `memory`, resume (unless `resume`
+        is False, or it was paused already: a warm sprite stays warm)."""
         tmp = memory.with_name(memory.name + ".tmp")
         tmp.unlink(missing_ok=True)
-        await self._sync(sprite_id)
+        was_running = await self._status(sprite_id) == "running"
+        if was_running:  # a paused guest cannot sync; its memory holds what it wrote
+            await self._sync(sprite_id)
+        resume = resume and was_running
         qmp = await self._qmp(sprite_id)
         try:
             await qmp.execute("stop")
@@ -400,7 +415,8 @@ class VMRuntime(Runtime):
                                            public="the memory snapshot failed")
                     await asyncio.sleep(0.01)
             finally:
-                await qmp.execute("cont")
+                if resume:
+                    await qmp.execute("cont")
         except QMPError as e:
             tmp.unlink(missing_ok=True)
             raise SystemError_(f"memory snapshot of {sprite_id}: {e}",
