@@ -8,6 +8,7 @@ packed into an ext4 image (`mke2fs -d`), once per image version, next to the ima
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -46,6 +47,15 @@ def base_disk(rootfs: Path) -> Path:
     out = rootfs.parent / BASE_DISK
     if out.exists():
         return out
+    # two sprites (or two servers) booting the same image at once: one makes it
+    with open(rootfs.parent / (BASE_DISK + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            _make(rootfs, out)
+    return out
+
+
+def _make(rootfs: Path, out: Path) -> None:
     scratch = rootfs.parent / (BASE_DISK + ".tree")
     tmp = rootfs.parent / (BASE_DISK + ".tmp")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -66,7 +76,6 @@ def base_disk(rootfs: Path) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         tmp.unlink(missing_ok=True)
-    return out
 
 
 def _walk(top: Path) -> list[os.DirEntry[str]]:
