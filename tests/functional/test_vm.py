@@ -162,6 +162,18 @@ def test_runtime_field_at_create(vm_server: WispServer) -> None:
         vm_server.api("DELETE", "/v1/sprites/rt-box")
 
 
+def test_restart_keeps_what_was_written(vm, vm_server: WispServer) -> None:
+    """A restart ends every process of the VM (it boots again) but loses nothing written
+    just before, still in the guest's page cache: the guest syncs before QEMU ends."""
+    pid = int(_sh(vm, COUNTER).strip())
+    _sh(vm, "echo unsynced > /home/sprite/unsynced")
+    r = vm_server.api("POST", f"/v1/sprites/{vm.name}/restart")
+    assert r.status_code == 200, r.text
+    assert _sh(vm, "cat /home/sprite/unsynced") == "unsynced\n"
+    assert _sh(vm, f"ls /proc/{pid} >/dev/null 2>&1 && echo alive; cat /dev/shm/count "
+                   "2>/dev/null; true") == ""
+
+
 def test_guest_has_no_way_out(vm) -> None:
     """The agent NIC (QEMU user networking with restrict=on) carries only the forwarded
     agent port into the guest: the guest cannot open a connection to the host side of it

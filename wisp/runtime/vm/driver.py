@@ -346,8 +346,12 @@ class VMRuntime(Runtime):
             await asyncio.sleep(0.1)
 
     async def stop(self, sprite_id: str) -> None:
-        """End QEMU (the guest with it) and the relay; idempotent."""
-        self._netns.pop(sprite_id, None)
+        """End QEMU (the guest with it) and the relay; idempotent. A running guest first
+        writes its page cache to its disk (as unmounting a container's disk does), for at
+        most a few seconds: a wedged guest is then ended as by a power cut."""
+        netns = self._netns.pop(sprite_id, None)
+        if netns is not None and await self._status(sprite_id) == "running":
+            await sync(netns, timeout=5.0)
         if os.environ.get("WISP_VM_DEBUG"):
             with contextlib.suppress(OSError):
                 shutil.copy(self.vm_dir(sprite_id) / "console.log", f"/tmp/console-{sprite_id}.log")

@@ -7,7 +7,8 @@ mount --rbind /dev /root/dev
 mkdir -p /root/dev/pts /root/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /root/dev/pts
 mount --bind /root/dev/pts/ptmx /root/dev/ptmx
-mount -t tmpfs -o mode=1777,size=262144k shm /root/dev/shm
+# the guest's RAM is the sprite's own: its shared memory may use most of it
+mount -t tmpfs -o mode=1777,size=90% shm /root/dev/shm
 mount -t sysfs sys /root/sys
 hostname "$(cat /root/.wisp/hostname)"
 exec chroot /root /.wisp/init
