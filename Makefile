@@ -2,16 +2,16 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := runc e2fsprogs debootstrap busybox-static iproute2 util-linux fuse3 gcc libc6-dev ca-certificates redis-server nftables conntrack
+DEB_PACKAGES := runc e2fsprogs debootstrap busybox-static iproute2 util-linux fuse3 gcc libc6-dev ca-certificates redis-server nftables conntrack qemu-system-x86 cpio lz4
 DATA_DIR ?= /var/lib/wisp
 LISTEN ?= 127.0.0.1:7770
 # Where `make install` links the `wisp` command (on root's and every user's default PATH).
 BINDIR ?= /usr/local/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test bench check install deps venv init js bin clean
+.PHONY: run test bench check install deps venv init vm js bin clean
 
-install: deps venv init js bin
+install: deps venv init vm js bin
 
 # Debian packages: installed only when one is missing, so a warm machine skips apt.
 deps:
@@ -34,6 +34,11 @@ build/wisp-init: wisp/runtime/init/wisp-init.c
 	mv $@.tmp $@
 
 init: build/wisp-init
+
+# The microvm guest's kernel, modules and python image (wisp/runtime/vm/assets.py): from
+# Debian packages into build/vm, once; a warm machine only checks that they exist.
+vm: deps venv
+	$(PY) -m wisp.runtime.vm.assets
 
 # The official JS SDK and a Node 24 to run it (tests/functional/test_js_sdk.py), from npm.
 tests/js/node_modules/.installed: tests/js/package.json

@@ -97,12 +97,22 @@ class Checkpoints:
             cp_id = f"v{row.next_checkpoint}"
             final = sprites.checkpoint_image(row.id, cp_id)
             partial = final.with_name(final.name + ".in-progress")
-            yield event("info", "Saving filesystem state...")
+            # a VM's memory too (docs/vm.md), written with the disk clone at one instant;
+            # renamed before the disk, which is what makes the checkpoint exist
+            memory = sprites.checkpoint_memory(row.id, cp_id)
+            memory_partial = memory.with_name(memory.name + ".in-progress")
+            with_memory = sprites.rt(row.id).memory_snapshots
+            yield event("info", "Saving memory and filesystem state..." if with_memory
+                        else "Saving filesystem state...")
             try:
-                await sprites.consistent_clone(row, partial)
+                if await sprites.consistent_clone(
+                        row, partial, memory_partial if with_memory else None):
+                    os.replace(memory_partial, memory)
                 os.replace(partial, final)
             except BaseException:
                 partial.unlink(missing_ok=True)
+                memory_partial.unlink(missing_ok=True)
+                memory.unlink(missing_ok=True)
                 raise
             parent = self.store.checkpoint(row.id, row.current_checkpoint or "")
             history = (parent.history + [parent.id])[-HISTORY_LIMIT:] if parent else []
@@ -121,9 +131,12 @@ class Checkpoints:
         self.sprites.volume.require()
         return self.sprites.row(name), cp
 
-    async def restore(self, row: SpriteRow, cp: CheckpointRow) -> AsyncIterator[dict[str, Any]]:
+    async def restore(self, row: SpriteRow, cp: CheckpointRow, memory: bool = True
+                      ) -> AsyncIterator[dict[str, Any]]:
         """Progress of a restore; the sprite and the checkpoint are checked again once its
-        lock is held (a delete may have come first), before the first event."""
+        lock is held (a delete may have come first), before the first event. A checkpoint
+        with a memory snapshot (a VM's) resumes its processes, unless `memory` is False:
+        then the sprite boots on the checkpoint's disk."""
         sprites = self.sprites
         async with sprites.lock(row.id):
             row = sprites.same(row)
@@ -146,8 +159,11 @@ class Checkpoints:
             sprites.store.update_sprite(row.id, current_checkpoint=cp.id, updated_at=now())
             yield event("info", "Stopping sprite...")
             await sprites.stop_locked(row.id, discard_disk=True)
-            yield event("info", "Starting sprite...")
-            await sprites.handle_locked(sprites.row(row.name))
+            snapshot = sprites.checkpoint_memory(row.id, cp.id)
+            resume = memory and sprites.rt(row.id).memory_snapshots and snapshot.exists()
+            yield event("info", "Resuming sprite from memory..." if resume
+                        else "Starting sprite...")
+            await sprites.handle_locked(sprites.row(row.name), snapshot if resume else None)
         yield event("complete", f"Restored to {cp.id}", id=cp.id)
 
     # -- delete ---------------------------------------------------------------------------
@@ -162,3 +178,4 @@ class Checkpoints:
         async with self.sprites.lock(row.id):
             self.store.delete_checkpoint(row.id, cp.id)
             self.sprites.checkpoint_image(row.id, cp.id).unlink(missing_ok=True)
+            self.sprites.checkpoint_memory(row.id, cp.id).unlink(missing_ok=True)

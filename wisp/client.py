@@ -642,10 +642,14 @@ class Client:
     def get_sprite(self, name: str) -> Sprite:
         return cast(Sprite, self._json("GET", f"/v1/sprites/{_seg(name)}"))
 
-    def create_sprite(self, name: str, labels: Sequence[str] | None = None) -> Sprite:
+    def create_sprite(self, name: str, labels: Sequence[str] | None = None,
+                      runtime: str | None = None) -> Sprite:
+        """`runtime`: "container" or "vm" (docs/vm.md); None: the server's default."""
         body: dict[str, Any] = {"name": name}
         if labels:
             body["labels"] = list(labels)
+        if runtime:
+            body["runtime"] = runtime
         return cast(Sprite, self._json("POST", "/v1/sprites", json=body,
                                        timeout=SLOW_TIMEOUT))
 
@@ -771,9 +775,13 @@ class Client:
         body = {"comment": comment} if comment else {}
         return self._ndjson("POST", f"/v1/sprites/{_seg(sprite)}/checkpoint", json=body)
 
-    def restore_checkpoint(self, sprite: str, checkpoint_id: str) -> Iterator[ProgressEvent]:
+    def restore_checkpoint(self, sprite: str, checkpoint_id: str,
+                           memory: bool = True) -> Iterator[ProgressEvent]:
+        """`memory=False`: a VM sprite boots on the checkpoint's disk instead of resuming
+        its memory (docs/vm.md)."""
         return self._ndjson(
-            "POST", f"/v1/sprites/{_seg(sprite)}/checkpoints/{_seg(checkpoint_id)}/restore")
+            "POST", f"/v1/sprites/{_seg(sprite)}/checkpoints/{_seg(checkpoint_id)}/restore",
+            **({} if memory else {"params": {"memory": "false"}}))
 
     def delete_checkpoint(self, sprite: str, checkpoint_id: str) -> None:
         """Wisp extension; 409 when the checkpoint is the one the sprite runs on."""

@@ -26,6 +26,7 @@ on connections (docs/security.md, "Limits"):
     [sprites]
     image = "debian"          # base image for new sprites
     warm_pool = 1             # booted, unnamed sprites kept ready for creates
+    runtime = "container"     # new sprites' driver: "container" or "vm" (docs/vm.md)
     stop_grace = 5.0          # seconds between SIGTERM and SIGKILL when the server stops
     warm_after = 30           # idle seconds before a sprite is frozen (warm); 0: never
     cold_after = 600          # idle seconds before it is stopped (cold); 0: never
@@ -128,6 +129,9 @@ class Config:
     #: Sprites kept booted (disk mounted, init running) but unnamed, so a create can hand
     #: one out at once instead of booting; 0 turns it off.
     warm_pool: int = 1
+    #: The driver of a sprite created without one: "container" (runc) or "vm" (QEMU
+    #: microvm, whose checkpoints hold memory too). docs/vm.md.
+    runtime: str = "container"
     #: When the server stops (or a sprite is upgraded), its processes get SIGTERM and this
     #: long to exit before SIGKILL, as a computer being shut down would give them.
     stop_grace: float = 5.0
@@ -297,7 +301,7 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         raise BadRequest("config: storage.storage must be 'file' or 's3'")
     if cfg.storage.storage == "s3" and not cfg.storage.bucket:
         raise BadRequest("config: storage.bucket (an S3 URL) is required with storage = 's3'")
-    for key in ("image", "memory_mb", "cpus", "pids", "warm_pool", "stop_grace"):
+    for key in ("image", "memory_mb", "cpus", "pids", "warm_pool", "stop_grace", "runtime"):
         if key in sprites:
             setattr(cfg, key, sprites[key])
     for key in ("warm_after", "cold_after"):
@@ -327,6 +331,10 @@ def load_config(data_dir: Path | None = None, listen: str | None = None,
         cfg.images_path = Path(env["WISP_IMAGES_DIR"])
     if env.get("WISP_IMAGE"):
         cfg.image = env["WISP_IMAGE"]
+    if env.get("WISP_RUNTIME"):
+        cfg.runtime = env["WISP_RUNTIME"]
+    if cfg.runtime not in ("container", "vm"):
+        raise BadRequest("config: sprites.runtime must be 'container' or 'vm'")
     if env.get("WISP_WARM_POOL"):
         cfg.warm_pool = int(env["WISP_WARM_POOL"])
     if env.get("WISP_STOP_SPRITES"):

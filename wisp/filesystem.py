@@ -190,7 +190,6 @@ class Filesystem:
     async def _open(self, handle: SpriteHandle, as_root: bool, op: str,
                     args: dict[str, Any], data: bytes = b""
                     ) -> tuple[dict[str, Any], asyncio.StreamReader, asyncio.StreamWriter]:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         setup = {
             "rootfs": str(handle.rootfs),
             "uid_base": handle.uid_base,
@@ -200,14 +199,22 @@ class Filesystem:
             "groups": [0] if as_root else list(handle.groups),
             "require_mount": self.require_mount,
         }
-        try:
-            await self._send_setup(json.dumps(setup).encode(), theirs.fileno())
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        if handle.fs_connect is not None:  # the sprite's own fs agent (a VM's guest)
+            try:
+                reader, writer = await handle.fs_connect(json.dumps(setup).encode())
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                raise FsError("EIO", f"the sprite's fs agent cannot be reached: {exc}"
+                              ) from None
+        else:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await self._send_setup(json.dumps(setup).encode(), theirs.fileno())
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
         try:
             _write_frame(writer, b"J", json.dumps({"op": op, "args": args}).encode())
             for start in range(0, len(data), _FRAME_DATA):

@@ -107,6 +107,7 @@ def build(config: Config) -> tuple[Services, Starlette]:
     from wisp.ports import Ports
     from wisp.resources import Resources
     from wisp.runtime.container import ContainerRuntime
+    from wisp.runtime.vm.driver import VMRuntime
     from wisp.services import SpriteServices
     from wisp.sprites import Sprites
     from wisp.storage.juicefs import Volume
@@ -122,7 +123,8 @@ def build(config: Config) -> tuple[Services, Starlette]:
     # adopts it, docs/exec.md) but not the host, like the sprites' processes.
     sessions = SessionRegistry(state_dir=runtime.host_dir / "sessions")
     network = Network(config.network, runtime.tag)
-    sprites = Sprites(config, store, volume, images, runtime, sessions, network)
+    vm = VMRuntime(config.run_dir / "sprites", runtime.host_dir / "vm", tag=runtime.tag)
+    sprites = Sprites(config, store, volume, images, runtime, sessions, network, vm)
     volume.on_lost = sprites.storage_lost
     checkpoints = Checkpoints(sprites)
     policies = Policies(sprites)

@@ -19,6 +19,7 @@ an exec never see the disk half swapped; exec's fast path on a running sprite ta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -87,12 +88,17 @@ class Sprites:
 
     def __init__(self, config: Config, store: Store, volume: Volume, images: ImageStore,
                  runtime: Runtime, sessions: SessionRegistry,
-                 network: Network) -> None:
+                 network: Network, vm: Runtime | None = None) -> None:
         self.config = config
         self.store = store
         self.volume = volume
         self.images = images
+        #: The container driver (also what warm-pool sprites run on) ...
         self.runtime = runtime
+        #: ... and every driver by the name a sprite records (`runtime_of`).
+        self.runtimes: dict[str, Runtime] = {runtime.name: runtime}
+        if vm is not None:
+            self.runtimes[vm.name] = vm
         self.network = network
         self.sessions = sessions
         self.sprites_run = config.run_dir / "sprites"
@@ -120,6 +126,15 @@ class Sprites:
             return self.template
         return self.volume_dir(sprite_id) / "checkpoints" / f"{cp_id}.img"
 
+    def hibernation(self, sprite_id: str) -> Path:
+        """A cold VM sprite's memory (docs/vm.md, "Hibernation"): written as it goes cold,
+        resumed and removed as it wakes; on the volume, so in object storage with S3."""
+        return self.volume_dir(sprite_id) / "hibernated.mem"
+
+    def checkpoint_memory(self, sprite_id: str, cp_id: str) -> Path:
+        """Checkpoint `cp_id`'s memory snapshot, beside its disk (VM sprites: docs/vm.md)."""
+        return self.volume_dir(sprite_id) / "checkpoints" / f"{cp_id}.mem"
+
     def disk_dir(self, sprite_id: str) -> Path:
         return self.sprites_run / sprite_id / "disk"
 
@@ -135,14 +150,29 @@ class Sprites:
         return self.volume.path("templates", TEMPLATE)
 
     def data_bytes(self, sprite_id: str) -> int:
-        """What the running sprite's disk holds beyond an empty disk: a checkpoint's cost."""
+        """What the running sprite's disk holds beyond an empty disk: a checkpoint's cost
+        (for a disk the host does not mount, what its image file holds)."""
+        if not self.rt(sprite_id).host_rootfs:
+            try:
+                held = os.stat(self.disk_image(sprite_id)).st_blocks * 512
+                empty = os.stat(self.template).st_blocks * 512
+            except OSError:
+                return 0
+            return max(0, held - empty)
         return max(0, disk.used_bytes(self.disk_dir(sprite_id)) - self.empty_disk_bytes)
+
+    def rt(self, sprite_id: str) -> Runtime:
+        """The driver the sprite runs on (warm-pool sprites, which have no record yet, and
+        sprites made before there was a choice run on containers)."""
+        row = self.store.sprite(sprite_id)
+        return self.runtimes.get(runtime_of(row) if row else "container", self.runtime)
 
     def _handle(self, row: SpriteRow) -> SpriteHandle:
         """What exec and the filesystem API use to reach the running sprite."""
-        return SpriteHandle(name=row.name, rootfs=self.rootfs_dir(row.id),
-                            agent_socket=self.runtime.agent_socket(row.id),
-                            env=tuple(sorted(row.environment.items())))
+        rt = self.rt(row.id)
+        return rt.handle(row.id, SpriteHandle(name=row.name, rootfs=self.rootfs_dir(row.id),
+                                              agent_socket=rt.agent_socket(row.id),
+                                              env=tuple(sorted(row.environment.items()))))
 
     def lock(self, sprite_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sprite_id, asyncio.Lock())
@@ -189,7 +219,16 @@ class Sprites:
             "image": f"{row.image}@{row.image_version}",
             "lifecycle": dict(zip(("warm_after", "cold_after"), self.idle_timers(row),
                                   strict=True)),
+            **self._runtime_json(row),
         }
+
+    def _runtime_json(self, row: SpriteRow) -> dict[str, Any]:
+        """Extension fields (docs/vm.md): the sprite's driver, and a VM's accelerator."""
+        kind = runtime_of(row)
+        out: dict[str, Any] = {"runtime": kind}
+        if kind == "vm":
+            out["accelerator"] = getattr(self.runtimes.get(kind), "accelerator", None)
+        return out
 
     def _config_json(self, row: SpriteRow) -> dict[str, Any]:
         """The contract's `config`: its limits (docs/resources.md), in whole units."""
@@ -223,10 +262,18 @@ class Sprites:
                      url_settings: dict[str, Any] | None = None,
                      environment: dict[str, str] | None = None,
                      source: tuple[SpriteRow, str | None] | None = None,
-                     lifecycle: dict[str, float] | None = None) -> SpriteRow:
+                     lifecycle: dict[str, float] | None = None,
+                     runtime: str | None = None) -> SpriteRow:
         """Make a sprite's record and disk; with `source` (sprite, checkpoint or None for its
         live state) the disk is a clone of that sprite's — a fork."""
         validate_name(name)
+        # a fork runs on its source's driver: a memory snapshot belongs to one
+        kind = runtime_of(source[0]) if source is not None else (
+            runtime or self.config.runtime)
+        if kind not in RUNTIMES:
+            raise BadRequest(f"runtime must be one of {', '.join(RUNTIMES)}")
+        if kind not in self.runtimes:
+            raise BadRequest(f"this server has no {kind} runtime")
         if self.store.sprite_by_name(name) is not None:
             raise SpriteExists(name)
         self.volume.require()
@@ -238,14 +285,15 @@ class Sprites:
             base = self._base_image()
             image_name, image_version = base.name, base.version
         stamp = now()
-        warm = self._take_warm(image_version) if source is None else None
+        warm = (self._take_warm(image_version)
+                if source is None and kind == self.runtime.name else None)
         row = SpriteRow(id=warm.id if warm else "sprite-" + str(uuid.uuid4()), name=name,
                         state="creating",
                         image=image_name, image_version=image_version,
                         labels=list(labels or []), url_settings=dict(url_settings or {}),
                         environment=dict(environment or {}), created_at=stamp,
                         updated_at=stamp,
-                        config=_new_config(lifecycle, source[0] if source else None))
+                        config=_new_config(lifecycle, source[0] if source else None, kind))
         try:
             self.store.insert_sprite(row)
         except Exception as exc:  # sqlite3.IntegrityError: a concurrent create won
@@ -403,8 +451,11 @@ class Sprites:
         async with self.lock(src.id):
             await self.consistent_clone(src, dst)
 
-    async def consistent_clone(self, row: SpriteRow, dst: Path) -> None:
-        """Clone `row`'s disk image to `dst` as a crash-consistent point in time.
+    async def consistent_clone(self, row: SpriteRow, dst: Path,
+                               memory: Path | None = None) -> bool:
+        """Clone `row`'s disk image to `dst` as a crash-consistent point in time, and with
+        `memory`, on a driver with `memory_snapshots`, write the running sprite's memory
+        there at that same instant. True when `memory` was written.
 
         Caller holds the sprite's lock. A running (or warm) sprite is held still by its
         runtime for the metadata clone alone (`Runtime.quiesced`).
@@ -412,9 +463,17 @@ class Sprites:
         live = self._live.get(row.id)
         if live is None or not pid_alive(live.init_pid):
             await self.volume.clone(self.disk_image(row.id), dst)
-            return
-        async with self.runtime.quiesced(row.id, self.disk_dir(row.id)):
+            return False
+        rt = self.rt(row.id)
+        if memory is not None and rt.memory_snapshots:
+            async def copy_disk() -> None:
+                await self.volume.clone(self.disk_image(row.id), dst)
+
+            await rt.snapshot(row.id, memory, copy_disk)
+            return True
+        async with rt.quiesced(row.id, self.disk_dir(row.id)):
             await self.volume.clone(self.disk_image(row.id), dst)
+        return False
 
     async def delete(self, name: str) -> None:
         row = self.row(name)
@@ -470,6 +529,7 @@ class Sprites:
             if was_running:
                 await self._terminate([row.id])
             await self._stop(row.id)
+            self.hibernation(row.id).unlink(missing_ok=True)  # of the old image's disk
             self.store.update_sprite(row.id, image_version=newest.version, updated_at=now())
             if was_running:
                 await self._start(self.row(name))
@@ -487,6 +547,7 @@ class Sprites:
             if row.id in self._live:
                 await self._terminate([row.id])
             await self._stop(row.id, restarting=True)
+            self.hibernation(row.id).unlink(missing_ok=True)  # every process ends
             await self._start(row)
         return row
 
@@ -523,13 +584,17 @@ class Sprites:
         (`handle_locked`): end it, keeping its network namespace. `discard_disk`: its disk
         image was just replaced (a restore), so the old disk's unwritten pages are dropped
         rather than flushed."""
+        if discard_disk:  # a hibernated memory belongs to the disk that was replaced
+            self.hibernation(sprite_id).unlink(missing_ok=True)
         await self._stop(sprite_id, discard=discard_disk, restarting=True)
 
-    async def handle_locked(self, row: SpriteRow) -> SpriteHandle:
-        """`handle` for a caller that already holds the sprite's lock."""
-        return await self._start(row)
+    async def handle_locked(self, row: SpriteRow, memory: Path | None = None) -> SpriteHandle:
+        """`handle` for a caller that already holds the sprite's lock; with `memory` (a
+        stopped sprite, a driver with `memory_snapshots`) it starts from that memory
+        snapshot, its processes going on where they were."""
+        return await self._start(row, memory)
 
-    async def _start(self, row: SpriteRow) -> SpriteHandle:
+    async def _start(self, row: SpriteRow, memory: Path | None = None) -> SpriteHandle:
         live = self._live.get(row.id)
         if live is not None and pid_alive(live.init_pid):
             if live.state == "warm":
@@ -545,21 +610,35 @@ class Sprites:
             raise SystemError_(f"base image {row.image}@{row.image_version} of sprite "
                                f"'{row.name}' is missing")
         disk_dir, rootfs = self.disk_dir(row.id), self.rootfs_dir(row.id)
+        rt = self.rt(row.id)
+        hibernated = self.hibernation(row.id)
+        if memory is None and rt.memory_snapshots and hibernated.exists():
+            try:
+                return await self._start(row, hibernated)
+            except Exception as exc:
+                log.warning("sprite %s could not resume from hibernation (%s); it boots",
+                            row.name, exc)
+            finally:
+                hibernated.unlink(missing_ok=True)
         try:
-            await disk.mount_disk(self.disk_image(row.id), disk_dir, image.rootfs, rootfs)
+            if rt.host_rootfs:
+                await disk.mount_disk(self.disk_image(row.id), disk_dir, image.rootfs, rootfs)
             net = await self.network.attach(row.id)
             info = self.info_dir(row.id)
-            await asyncio.to_thread(info.mkdir, mode=0o755, exist_ok=True)
-            # before the sprite's first packet: its processes are new, so are its lookups
-            await self.network.set_policy(row.id, await asyncio.to_thread(policy.load, info),
-                                          fresh=True)
-            await self.runtime.start(row.id, row.name, rootfs, self.sprites_run / row.id,
-                                     resources.limits_for(self.config, row.config), net.netns,
-                                     net.resolv_conf, info)
+            if rt.host_rootfs:
+                await asyncio.to_thread(info.mkdir, mode=0o755, exist_ok=True)
+                # before the sprite's first packet: its processes are new, so are its
+                # lookups
+                await self.network.set_policy(
+                    row.id, await asyncio.to_thread(policy.load, info), fresh=True)
+            await rt.start(row.id, row.name, rootfs, self.sprites_run / row.id,
+                           resources.limits_for(self.config, row.config), net.netns,
+                           net.resolv_conf, info, disk_image=self.disk_image(row.id),
+                           base_rootfs=image.rootfs, memory=memory)
         except BaseException:
             await asyncio.shield(self._stop(row.id))
             raise
-        pid = self.runtime.init_pid(row.id)
+        pid = rt.init_pid(row.id)
         if pid is None:
             await asyncio.shield(self._stop(row.id))
             raise SystemError_(f"sprite '{row.name}' stopped right after it started")
@@ -567,7 +646,8 @@ class Sprites:
         self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
         self.activity.touch(row.id)
         self.store.update_sprite(row.id, last_running_at=now())
-        await services.boot(self.info_dir(row.id), handle)  # in `needs` order; never raises
+        if rt.host_rootfs:  # a VM's services: not yet (docs/vm.md)
+            await services.boot(self.info_dir(row.id), handle)  # in `needs` order
         return handle
 
     def prestart(self, name: str) -> None:
@@ -596,7 +676,7 @@ class Sprites:
                 live.state = "stopping"
                 await self.sessions.close_sprite(live.handle.name)
             self.activity.forget(sprite_id)
-            await self.runtime.stop(sprite_id)
+            await self.rt(sprite_id).stop(sprite_id)
             if not restarting:
                 await self.network.detach(sprite_id)
             await disk.unmount_disk(self.disk_dir(sprite_id), self.rootfs_dir(sprite_id),
@@ -613,10 +693,14 @@ class Sprites:
             live = self._live.get(sprite_id)
             if live is not None and live.state == "warm":
                 await self._thaw(sprite_id, live)
-        await self.runtime.terminate(sprite_ids, self.config.stop_grace)
+        by_driver: dict[str, list[str]] = {}
+        for sprite_id in sprite_ids:
+            by_driver.setdefault(self.rt(sprite_id).name, []).append(sprite_id)
+        await asyncio.gather(*(self.runtimes[kind].terminate(ids, self.config.stop_grace)
+                               for kind, ids in by_driver.items()))
 
     async def _thaw(self, sprite_id: str, live: _Live) -> None:
-        await self.runtime.resume(sprite_id)
+        await self.rt(sprite_id).resume(sprite_id)
         live.state = "running"
 
     def sleep_candidates(self) -> list[tuple[str, str]]:
@@ -672,25 +756,56 @@ class Sprites:
             if live.state == "warm":
                 return
             disk_dir = self.disk_dir(row.id)
-            await disk.sync(disk_dir)
+            rt = self.rt(row.id)
+            if rt.host_rootfs:  # a VM's disks are flushed by QEMU as it pauses
+                await disk.sync(disk_dir)
             live.state = "warm"
             try:
-                await self.runtime.pause(row.id)
-                await disk.sync(disk_dir)
+                await rt.pause(row.id)
+                if rt.host_rootfs:
+                    await disk.sync(disk_dir)
             except BaseException:
-                await asyncio.shield(self.runtime.resume(row.id))
+                await asyncio.shield(rt.resume(row.id))
                 live.state = "running"
                 raise
             stamp = now()
             self.store.update_sprite(row.id, last_warming_at=stamp, last_running_at=stamp)
             log.info("sprite %s is warm", row.name)
             return
+        if await self._hibernate(row.id):
+            log.info("sprite %s is cold, hibernated", row.name)
+            return
         await self._terminate([row.id])
         await self._stop(row.id)
         log.info("sprite %s is cold", row.name)
 
+    async def _hibernate(self, sprite_id: str) -> bool:
+        """Caller holds the lock. A running sprite whose driver has `memory_snapshots`
+        goes cold keeping its processes: its memory to the volume, then stopped (the
+        snapshot is not resumed, so its disk stays what the memory expects). False when
+        the driver has none or the snapshot failed (the sprite then stops as any other)."""
+        rt = self.rt(sprite_id)
+        live = self._live.get(sprite_id)
+        if not rt.memory_snapshots or live is None or not pid_alive(live.init_pid):
+            return False
+        path = self.hibernation(sprite_id)
+
+        async def nothing() -> None:  # the disk stays in place, consistent with the memory
+            return None
+
+        try:
+            await rt.snapshot(sprite_id, path, nothing, resume=False)
+        except Exception as exc:
+            log.warning("hibernating sprite %s failed (%s): it stops", sprite_id, exc)
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(Exception):
+                await rt.resume(sprite_id)
+            return False
+        await self._stop(sprite_id)
+        return True
+
     def _task_files(self, sprite_id: str) -> list[Task]:
-        root = self.runtime.sprite_path(sprite_id, "/")
+        root = self.rt(sprite_id).sprite_path(sprite_id, "/")
         return read_task_files(root, TASKS_DIR) if root is not None else []
 
     async def tasks(self, name: str) -> list[Task]:
@@ -716,8 +831,9 @@ class Sprites:
         restarts"): recorded and ready, their init alive, their root mounted."""
         mounted = {point for point, _ in mounts_under(self.sprites_run)}
         return {row.id for row in self.store.all_sprites()
-                if row.state == "ready" and self.runtime.init_pid(row.id) is not None
-                and os.path.realpath(self.rootfs_dir(row.id)) in mounted}
+                if row.state == "ready" and (rt := self.rt(row.id)).init_pid(row.id) is not None
+                and (not rt.host_rootfs
+                     or os.path.realpath(self.rootfs_dir(row.id)) in mounted)}
 
     async def clear_host(self, keep: Collection[str] = ()) -> None:
         """Tear down whatever an earlier server process left running (reverse boot order),
@@ -728,11 +844,14 @@ class Sprites:
         """
         # every container in our runc root, every recorded sprite, and warm sprites (which
         # have a run dir but no record), then each one's network namespace and veth
-        known = set(await self.runtime.list_ids()) | {r.id for r in self.store.all_sprites()}
+        known = {r.id for r in self.store.all_sprites()}
+        for rt in self.runtimes.values():
+            known |= set(await rt.list_ids())
         if self.sprites_run.exists():
             known |= {d.name for d in self.sprites_run.iterdir() if d.name.startswith("sprite-")}
         for sprite_id in sorted(known - set(keep)):
-            await self.runtime.stop(sprite_id)
+            for rt in self.runtimes.values():  # a warm sprite has no record to ask
+                await rt.stop(sprite_id)
             await self.network.detach(sprite_id)
             self.activity.forget(sprite_id)  # its API tasks held the run that ended
         for row in self.store.all_sprites():  # and its sessions' files their processes
@@ -752,7 +871,8 @@ class Sprites:
             if backing not in kept_disks:
                 await run("losetup", "-d", dev, check=False)
         if not keep:
-            self.runtime.release()
+            for rt in self.runtimes.values():
+                rt.release()
         self._live.clear()
 
     async def adopt(self, sprite_ids: Collection[str]) -> int:
@@ -762,18 +882,21 @@ class Sprites:
         stopped (it starts again, cold, on its next request)."""
         async def one(sprite_id: str) -> bool:
             row = self.store.sprite(sprite_id)
-            pid = self.runtime.init_pid(sprite_id)
+            rt = self.rt(sprite_id)
+            pid = rt.init_pid(sprite_id)
             try:
                 if row is None or row.state != "ready" or pid is None:
                     raise SystemError_("its record or its init is gone")
                 # a server killed inside a checkpoint's clone left the disk and the
                 # processes frozen; a warm sprite's are thawed too (see the docstring)
                 await disk.thaw(self.disk_dir(sprite_id))
-                if self.runtime.frozen(sprite_id):
-                    await self.runtime.resume(sprite_id)
+                if rt.frozen(sprite_id):
+                    await rt.resume(sprite_id)
+                await rt.adopt(sprite_id, self.network.netns(sprite_id))
                 handle = self._handle(row)
-                await self.network.adopt_policy(
-                    row.id, await asyncio.to_thread(policy.load, self.info_dir(row.id)))
+                if rt.host_rootfs:  # a VM's policy: not yet (docs/vm.md)
+                    await self.network.adopt_policy(
+                        row.id, await asyncio.to_thread(policy.load, self.info_dir(row.id)))
                 self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
                 self.activity.touch(row.id)
                 self.activity.load(row.id)
@@ -861,6 +984,9 @@ class Sprites:
                     pass
             self._live.clear()
             return
+        for sprite_id in list(self._live):  # VM sprites keep their processes, asleep
+            async with self.lock(sprite_id):
+                await self._hibernate(sprite_id)
         # all at once, so that N sprites cost one grace period, not N
         await self._terminate(list(self._live))
         for sprite_id in list(self._live):
@@ -910,13 +1036,24 @@ def check_lifecycle(value: object) -> dict[str, float | None]:
             for k, v in value.items()}
 
 
-def _new_config(lifecycle: dict[str, float] | None, source: SpriteRow | None
-                ) -> dict[str, Any]:
+def _new_config(lifecycle: dict[str, float] | None, source: SpriteRow | None,
+                runtime: str = "container") -> dict[str, Any]:
     """A new sprite's `config`: its lifecycle override, and a fork's resources policy from
-    its source (docs/resources.md)."""
-    config: dict[str, Any] = {}
+    its source (docs/resources.md), and its runtime (docs/vm.md)."""
+    config: dict[str, Any] = {"runtime": runtime}
     if source is not None and resources.RECORD_KEY in source.config:
         config[resources.RECORD_KEY] = source.config[resources.RECORD_KEY]
     if lifecycle:
         config["lifecycle"] = lifecycle
     return config
+
+
+#: The drivers a sprite may run on (docs/vm.md); a sprite keeps its driver for life.
+RUNTIMES = ("container", "vm")
+
+
+def runtime_of(row: SpriteRow) -> str:
+    """The driver a sprite runs on: recorded at create; sprites made before there was a
+    choice are containers."""
+    kind = row.config.get("runtime", "container")
+    return kind if isinstance(kind, str) else "container"

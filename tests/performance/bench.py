@@ -447,7 +447,8 @@ def host_facts() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     return (f"kernel {platform.release()}, {os.cpu_count()} CPUs ({cpu}), cgroup {cgroup}, "
-            f"runtime: runc container, samples: {SAMPLES}")
+            f"runtime: runc container (VM rows: QEMU microvm, accelerator in the label), "
+            f"samples: {SAMPLES}")
 
 
 def main() -> None:
@@ -470,6 +471,9 @@ def main() -> None:
     from tests.performance import restart
 
     net_rows += restart.run(Bench, base, SAMPLES)
+    from tests.performance import vm
+
+    net_rows += vm.run(Bench, base, SAMPLES)
     print(f"\nHost: {host_facts()}\n")
     print("| metric | p50 | p95 | unit |\n|---|---|---|---|")
     for label, values, unit in bench.rows + net_rows:

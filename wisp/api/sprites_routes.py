@@ -11,7 +11,7 @@ from starlette.routing import BaseRoute, Route
 
 from wisp.api.common import json_body, ndjson, query_bool, query_int
 from wisp.errors import BadRequest
-from wisp.sprites import check_lifecycle, check_url_settings
+from wisp.sprites import RUNTIMES, check_lifecycle, check_url_settings
 
 if TYPE_CHECKING:
     from wisp.server import Services
@@ -50,6 +50,16 @@ def _untoken(token: str) -> str:
     return name
 
 
+def _runtime(value: object) -> str | None:
+    """The create body's `runtime`: the contract's "default" and "dev" (and none) mean the
+    server's default driver; "container" or "vm" choose one (docs/vm.md)."""
+    if value is None or value in ("default", "dev"):
+        return None
+    if value not in RUNTIMES:
+        raise BadRequest(f"runtime must be one of default, dev, {', '.join(RUNTIMES)}")
+    return str(value)
+
+
 def sprite_routes(svc: Services) -> list[BaseRoute]:
     sprites, checkpoints = svc.sprites, svc.checkpoints
 
@@ -68,7 +78,7 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
             labels=_string_list(body.get("labels"), "labels"),
             url_settings=check_url_settings(url_settings) if url_settings is not None else {},
             environment=_string_map(body.get("environment"), "environment"),
-            lifecycle=lifecycle)
+            lifecycle=lifecycle, runtime=_runtime(body.get("runtime")))
         out = sprites.to_json(row)
         sprites.prestart(row.name)  # a no-op when the create handed out a warm sprite
         return JSONResponse(out, status_code=201)
@@ -146,7 +156,8 @@ def sprite_routes(svc: Services) -> list[BaseRoute]:
     async def checkpoint_restore(request: Request) -> Response:
         row, cp = checkpoints.prepare_restore(request.path_params["name"],
                                               request.path_params["cp"])
-        return await ndjson(checkpoints.restore(row, cp))
+        memory = query_bool(request, "memory", default=True)  # extension: docs/vm.md
+        return await ndjson(checkpoints.restore(row, cp, memory))
 
     async def checkpoint_delete(request: Request) -> Response:
         await checkpoints.delete(request.path_params["name"], request.path_params["cp"])

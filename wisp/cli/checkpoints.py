@@ -79,14 +79,18 @@ def delete(state: State, checkpoint_id: str, sprite: str | None) -> None:
 @click.argument("checkpoint_id", metavar="ID")
 @sprite_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw NDJSON progress events.")
+@click.option("--disk-only", is_flag=True,
+              help="A VM sprite boots on the checkpoint's disk instead of resuming its memory.")
 @click.pass_obj
-def restore(state: State, checkpoint_id: str, sprite: str | None, as_json: bool) -> None:
+def restore(state: State, checkpoint_id: str, sprite: str | None, as_json: bool,
+            disk_only: bool) -> None:
     """Roll the sprite's disk back to checkpoint ID.
 
     Every process in the sprite is stopped, open exec sessions end, and the sprite
-    starts again on the restored disk."""
+    starts again on the restored disk; a VM sprite resumes the checkpoint's memory
+    instead, its processes going on where they were (docs/vm.md)."""
     from wisp.cli.output import follow_progress
 
     name = resolve_sprite(sprite)
-    events = state.client().restore_checkpoint(name, checkpoint_id)
+    events = state.client().restore_checkpoint(name, checkpoint_id, memory=not disk_only)
     follow_progress(events, as_json=as_json, title=f"restoring {name} to {checkpoint_id}")

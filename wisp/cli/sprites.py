@@ -37,11 +37,15 @@ def _show_sprite(sprite: Any, as_json: bool) -> None:
 @click.argument("name")
 @click.option("-l", "--label", "labels", multiple=True, metavar="LABEL",
               help="Label to attach (repeatable).")
+@click.option("--runtime", type=click.Choice(["container", "vm"]), default=None,
+              help="Its driver for life: a container, or a microVM whose checkpoints hold "
+                   "memory (docs/vm.md). Default: the server's.")
 @json_option
 @click.pass_obj
-def create(state: State, name: str, labels: tuple[str, ...], as_json: bool) -> None:
+def create(state: State, name: str, labels: tuple[str, ...], runtime: str | None,
+           as_json: bool) -> None:
     """Create a sprite called NAME."""
-    sprite = state.client().create_sprite(name, labels=list(labels))
+    sprite = state.client().create_sprite(name, labels=list(labels), runtime=runtime)
     if as_json:
         from wisp.cli.output import print_json
 

@@ -21,11 +21,8 @@ import array
 import asyncio
 import contextlib
 import errno
-import fcntl
 import os
 import socket
-import struct
-import termios
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -276,10 +273,19 @@ class AgentProcess:
             pass
 
     def resize(self, rows: int, cols: int) -> None:
-        """TIOCSWINSZ on the master; the kernel sends SIGWINCH to the foreground group."""
-        if self._master is None or self._closed:
+        """The agent sets the size on the PTY master it keeps (the host's end may be a VM
+        relay's socket); the kernel sends SIGWINCH to the foreground group."""
+        if self._master is None or self._closed or self.returncode is not None:
             return
-        fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        msg = b"resize %d %d" % (rows, cols)
+        try:
+            self._sock.send(msg, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            task = asyncio.create_task(self._send_later(msg))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._closed:

@@ -8,6 +8,8 @@ Callers outside `wisp/runtime/` only ever see `SpriteHandle`, never runc or QMP.
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,12 @@ class SpriteHandle:
     groups: tuple[int, ...] = field(default=(SPRITE_UID,))
     #: The sprite's `environment` (set at create): every exec starts with it.
     env: tuple[tuple[str, str], ...] = ()
+    #: For a sprite whose root is not a host mount (a VM): given the fs agent's setup,
+    #: opens a stream to a worker of the fs agent inside it, which runs the fs protocol on
+    #: `rootfs` (then a path in the guest).
+    fs_connect: Callable[[bytes], Awaitable[tuple[asyncio.StreamReader,
+                                                  asyncio.StreamWriter]]] | None = field(
+        default=None, compare=False)
 
     def host_uid(self, uid: int) -> int:
         return self.uid_base + uid
@@ -73,15 +81,42 @@ class Runtime(abc.ABC):
     #: Capabilities the state machine may ask for. `memory_snapshots`: a checkpoint can
     #: hold the sprite's memory too (the microvm), not only its disk (containers).
     memory_snapshots: bool = False
+    #: Whether the sprite's root is a host mount the state machine assembles before
+    #: `start` (containers), or the driver boots from the disk image itself (a VM).
+    host_rootfs: bool = True
 
     @abc.abstractmethod
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
                     limits: Limits, netns: Path, resolv_conf: str | None = None,
-                    info_dir: Path | None = None) -> None:
+                    info_dir: Path | None = None, *, disk_image: Path | None = None,
+                    base_rootfs: Path | None = None, memory: Path | None = None) -> None:
         """Start the sprite's init on `rootfs` in the network namespace at `netns` (made by
         `wisp.network`), with `resolv_conf` as its /etc/resolv.conf if given (else the
         image's) and `info_dir` (on the sprite's disk, outside its root) readable but not
-        writable at /.sprite; return once its agent socket accepts."""
+        writable at /.sprite; return once its agent socket accepts.
+
+        A driver without `host_rootfs` boots from `disk_image` (the sprite's disk) over the
+        base image `base_rootfs` instead, and with `memory_snapshots` from the memory
+        snapshot `memory` (`snapshot`) when given: its processes go on from there."""
+
+    async def snapshot(self, sprite_id: str, memory: Path,
+                       copy_disk: Callable[[], Awaitable[None]], resume: bool = True) -> None:
+        """With `memory_snapshots`: hold the running sprite still, run `copy_disk` (the
+        disk image is consistent then), write its memory and device state to `memory`, and
+        let it go on; with `resume=False` it stays held (it is to be stopped: a disk it
+        wrote to after the snapshot would no longer match the memory)."""
+        raise NotImplementedError(f"the {self.name} runtime keeps no memory snapshots")
+
+    @abc.abstractmethod
+    async def adopt(self, sprite_id: str, netns: Path) -> None:
+        """Take over a sprite an earlier server process left running (its `init_pid`
+        alive): remake what lived in that process only. Raises when the sprite does not
+        answer; the caller then stops it."""
+
+    def handle(self, sprite_id: str, handle: SpriteHandle) -> SpriteHandle:
+        """The handle exec and the filesystem API use, from the state machine's `handle`:
+        a driver whose sprites' roots are not host mounts changes how files are reached."""
+        return handle
 
     @abc.abstractmethod
     async def stop(self, sprite_id: str) -> None:

@@ -133,6 +133,10 @@ class ContainerRuntime(Runtime):
                     f"127.0.1.1\t{hostname}\n")
         path.chmod(0o644)
 
+    async def adopt(self, sprite_id: str, netns: Path) -> None:
+        """Nothing of a container lives in the server process: its agent's socket is on
+        the host, its state in the kernel; `Sprites.adopt` checks and thaws the rest."""
+
     async def rename(self, sprite_id: str, hostname: str) -> None:
         """Give a running sprite its name: hostname (in its UTS namespace, set from the
         host, since root inside lacks CAP_SYS_ADMIN) and /etc/hosts."""
@@ -159,7 +163,10 @@ class ContainerRuntime(Runtime):
 
     async def start(self, sprite_id: str, hostname: str, rootfs: Path, run_dir: Path,
                     limits: Limits, netns: Path, resolv_conf: str | None = None,
-                    info_dir: Path | None = None) -> None:
+                    info_dir: Path | None = None, *, disk_image: Path | None = None,
+                    base_rootfs: Path | None = None, memory: Path | None = None) -> None:
+        # `rootfs` is mounted by the caller (host_rootfs); containers hold no memory
+        # snapshots, so `disk_image`, `base_rootfs` and `memory` are not theirs to use.
         if self.init_pid(sprite_id) is not None and await self.running(sprite_id):
             return
         await self._delete(sprite_id)  # a dead leftover with the same id blocks `runc run`

@@ -863,6 +863,23 @@ static void handle_running(struct conn *c, char *buf, size_t len)
         }
         return;
     }
+    if (len > 7 && len <= 32 && !memcmp(buf, "resize ", 7)) {
+        /* The window size, set on the PTY master the agent keeps: the host end may be a
+         * relay's socket rather than the master itself (a VM sprite). */
+        char tmp[33];
+        memcpy(tmp, buf + 7, len - 7);
+        tmp[len - 7] = '\0';
+        char *sp = strchr(tmp, ' ');
+        long long rows, cols;
+        if (!sp || !c->keep.tty || c->keep.fd[0] < 0)
+            return;
+        *sp = '\0';
+        if (parse_num(tmp, 1, 65535, &rows) == 0 && parse_num(sp + 1, 1, 65535, &cols) == 0) {
+            struct winsize ws = { .ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols };
+            ioctl(c->keep.fd[0], TIOCSWINSZ, &ws);
+        }
+        return;
+    }
     if (len < 8 || len > 32 || memcmp(buf, "signal ", 7) != 0)
         return;
     char tmp[33];
