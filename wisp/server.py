@@ -260,7 +260,20 @@ def serve(data_dir: Path | None = None, listen: str | None = None,
                          fit_fd_limit(config.max_connections))
     # proxy_headers off: uvicorn would otherwise take any local client's X-Forwarded-For as
     # its address, and the URL proxy passes that address on to sprites (docs/urls.md).
-    uvicorn.run(app, host=host, port=port, http=http, ws="websockets", log_level="warning",
-                proxy_headers=False,
-                ws_max_size=32 * 1024 * 1024, ws_ping_interval=20, ws_ping_timeout=60,
-                ws_per_message_deflate=False, timeout_graceful_shutdown=10, lifespan="on")
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, http=http, ws="websockets", log_level="warning",
+        proxy_headers=False,
+        ws_max_size=32 * 1024 * 1024, ws_ping_interval=20, ws_ping_timeout=60,
+        ws_per_message_deflate=False, timeout_graceful_shutdown=10, lifespan="on"))
+    # The port is taken before the start-up runs, not after it as uvicorn.run would: the
+    # start-up starts JuiceFS, whose metrics listener falls back to a random port when its
+    # own is busy, and once took ours (a test server's start failed "address already in
+    # use"). Taken first, a busy port also fails before anything is mounted.
+    sock = server.config.bind_socket()  # exits 3 with uvicorn's message if it cannot
+    sock.listen(server.config.backlog)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits

@@ -4,6 +4,8 @@ agent, and checkpoints that hold memory: a restore resumes a process counting in
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from sprites import SpritesClient
 
 from tests.framework.server import WispServer
+from tests.functional.test_adoption import _session_ids, _start_detached
 
 
 @pytest.fixture(scope="module")
@@ -151,14 +154,13 @@ def test_runtime_field_at_create(vm_server: WispServer) -> None:
     r = vm_server.api("POST", "/v1/sprites", json={"name": "rt-bad", "runtime": "xen"},
                       validate_request=False)
     assert r.status_code == 400 and "runtime" in r.json()["message"]
-    r = vm_server.api("POST", "/v1/sprites", json={"name": "rt-box", "runtime": "container"})
-    assert r.status_code == 201 and r.json()["runtime"] == "container"
-    try:
-        client = SpritesClient(vm_server.token, base_url=vm_server.url)
-        kernel = client.sprite("rt-box").command("uname", "-r").output().decode().strip()
-        assert kernel == _host_kernel()
-        client.close()
+    client = SpritesClient(vm_server.token, base_url=vm_server.url)
+    try:  # the SDK's own `runtime` parameter carries the field
+        box = client.create_sprite("rt-box", runtime="container")
+        assert vm_server.api("GET", "/v1/sprites/rt-box").json()["runtime"] == "container"
+        assert box.command("uname", "-r").output().decode().strip() == _host_kernel()
     finally:
+        client.close()
         vm_server.api("DELETE", "/v1/sprites/rt-box")
 
 
@@ -228,7 +230,8 @@ def test_cold_sleep_hibernates_and_wakes_with_its_processes(vm, vm_server: WispS
 def test_server_restarts_kill_no_vm_process(vm, vm_server: WispServer) -> None:
     """A server stop with `stop_sprites` hibernates a VM sprite and the next server wakes
     it from memory; a stop that keeps sprites (the product's default) leaves QEMU running
-    and the next server adopts it. The same process counts on after both."""
+    and the next server adopts it, with a detached exec session. The same process counts
+    on after both."""
     pid = int(_sh(vm, COUNTER).strip())
     c = _wait_count_past(vm, 2)
     hibernated = _hibernation_file(vm_server, vm.name)
@@ -243,11 +246,19 @@ def test_server_restarts_kill_no_vm_process(vm, vm_server: WispServer) -> None:
         assert _sh(vm, f"cat /proc/{pid}/cmdline | tr '\\0' ' '").startswith("sh -c i=0")
         qemu = _qemu_of(vm_server)
         assert len(qemu) == 1
-        vm_server.stop()  # keeps sprites: QEMU runs on
+        sid = asyncio.run(_start_detached(
+            vm_server, vm.name, "i=0; while [ $i -lt 100 ]; do echo tick $i; i=$((i+1)); "
+                                "sleep 0.05; done; echo done"))
+        vm_server.stop()  # keeps sprites: QEMU runs on, and the session with it
         assert _qemu_of(vm_server) == qemu
         vm_server.start()
         info = vm_server.api("GET", f"/v1/sprites/{vm.name}").json()
         assert info["status"] == "running" and _qemu_of(vm_server) == qemu
+        # the detached session was adopted: an attach replays all it printed, in order
+        assert sid in _session_ids(vm_server, vm.name)
+        out = vm.attach_session(sid, timeout=120).output().decode()
+        assert out.endswith("done\n")
+        assert [int(n) for n in re.findall(r"tick (\d+)", out)] == list(range(100))
         assert _wait_count_past(vm, c) > c
         assert _sh(vm, f"cat /proc/{pid}/cmdline | tr '\\0' ' '").startswith("sh -c i=0")
         _sh(vm, f"kill {pid}")
