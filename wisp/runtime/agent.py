@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from wisp.errors import BadRequest, SpriteUnresponsive, SystemError_
+from wisp.runtime.vm.channel import received_fds
 
 __all__ = [
     "AgentProcess",
@@ -313,13 +314,7 @@ async def _recv(sock: socket.socket, waiter: _Waiter | None = None,
         except BlockingIOError:
             await waiter.wait()
             continue
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
-        return data, fds
+        return data, received_fds(anc)
 
 
 async def _send(sock: socket.socket, data: bytes, fds: Sequence[int] = (),

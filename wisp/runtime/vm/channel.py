@@ -44,7 +44,7 @@ import struct
 from collections.abc import Sequence
 
 __all__ = ["Link", "HEADER", "HOST_IDS", "GUEST_IDS", "MAX_PAYLOAD", "read_frame",
-           "recv_packet", "send_packet"]
+           "received_fds", "recv_packet", "send_packet"]
 
 log = logging.getLogger("wisp.runtime.vm.channel")
 
@@ -78,13 +78,18 @@ async def recv_packet(sock: socket.socket, size: int = MAX_PAYLOAD) -> tuple[byt
         except ConnectionResetError:
             # Our peer closed with a packet of ours unread; what it sent is still queued.
             continue
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
-        return data, fds
+        return data, received_fds(anc)
+
+
+def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS message of `recvmsg` carried (a cut-off last one dropped)."""
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds
 
 
 async def send_packet(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:

@@ -378,19 +378,18 @@ class VMRuntime(Runtime):
     async def _qmp(self, sprite_id: str) -> QMP:
         return await QMP.connect(self.qmp_socket(sprite_id))
 
-    async def pause(self, sprite_id: str) -> None:
+    async def _command(self, sprite_id: str, command: str) -> None:
         qmp = await self._qmp(sprite_id)
         try:
-            await qmp.execute("stop")
+            await qmp.execute(command)
         finally:
             qmp.close()
 
+    async def pause(self, sprite_id: str) -> None:
+        await self._command(sprite_id, "stop")
+
     async def resume(self, sprite_id: str) -> None:
-        qmp = await self._qmp(sprite_id)
-        try:
-            await qmp.execute("cont")
-        finally:
-            qmp.close()
+        await self._command(sprite_id, "cont")
 
     async def snapshot(self, sprite_id: str, memory: Path,
                        copy_disk: Callable[[], Awaitable[None]], resume: bool = True) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import socket
 from pathlib import Path
 
+from wisp.network.dial import in_netns
 from wisp.runtime.vm.channel import HEADER, HOST_IDS, Link, read_frame
 
 __all__ = ["HostRelay", "connect_in_netns", "open_fs", "AGENT_PORT"]
@@ -25,37 +25,11 @@ log = logging.getLogger("wisp.runtime.vm")
 
 #: The guest relay's port, forwarded from the same port on the namespace's loopback.
 AGENT_PORT = 7000
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _socket_in(netns: Path) -> socket.socket:
-    """A TCP socket created inside `netns` (a socket keeps the namespace it was made in);
-    this thread's own namespace is back in place before returning."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-            try:
-                return socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            finally:
-                _setns(own)
-        finally:
-            os.close(target)
-    finally:
-        os.close(own)
-
-
 async def connect_in_netns(netns: Path, port: int = AGENT_PORT
                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    sock = _socket_in(netns)
+    # a socket keeps the namespace it was made in
+    sock = in_netns(netns, lambda: socket.socket(socket.AF_INET,
+                                                 socket.SOCK_STREAM | socket.SOCK_CLOEXEC))
     sock.setblocking(False)
     try:
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
