@@ -21,8 +21,11 @@ import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import socket
+import struct
+import termios
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -274,9 +277,17 @@ class AgentProcess:
             pass
 
     def resize(self, rows: int, cols: int) -> None:
-        """The agent sets the size on the PTY master it keeps (the host's end may be a VM
-        relay's socket); the kernel sends SIGWINCH to the foreground group."""
+        """TIOCSWINSZ on the master; the kernel sends SIGWINCH to the foreground group.
+
+        Done here, at once, when our end is the master itself (a container): input written
+        after a resize then always sees the new size. A VM's end is a relay's socket: the
+        agent sets the size on the master it keeps (`resize R C`), which may land after
+        input written just after it."""
         if self._master is None or self._closed or self.returncode is not None:
+            return
+        if os.isatty(self._master):
+            fcntl.ioctl(self._master, termios.TIOCSWINSZ,
+                        struct.pack("HHHH", rows, cols, 0, 0))
             return
         msg = b"resize %d %d" % (rows, cols)
         try:
