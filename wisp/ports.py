@@ -268,7 +268,7 @@ class Ports:
         if self.sprites.status(row) == "cold":  # warm: frozen, its sockets still there
             return {}
         try:
-            tables = await self.sprites.network.proc_net(row.id)
+            tables, netns = await self.sprites.proc_net(row)
         except OSError:  # stopped meanwhile: its namespace is gone
             return {}
         inodes: dict[tuple[str, int], int] = {}
@@ -278,7 +278,7 @@ class Ports:
         known = known or {}
         new = {inodes[k] for k in inodes if k not in known}
         owners = await asyncio.to_thread(
-            socket_owners, self.sprites.network.netns(row.id), new) if new else {}
+            socket_owners, netns, new) if new and netns is not None else {}
         return {k: known[k] if k in known else Port(k[0], k[1], owners.get(inode, 0))
                 for k, inode in sorted(inodes.items(), key=lambda kv: _order(kv[0]))}
 

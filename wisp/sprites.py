@@ -142,6 +142,13 @@ class Sprites:
         """On the sprite's disk beside its root's upper layer: /.sprite, read-only inside."""
         return self.disk_dir(sprite_id) / "sprite"
 
+    def policy_dir(self, sprite_id: str) -> Path:
+        """Where the sprite's egress policy is kept: on its disk (`info_dir`, so a
+        checkpoint and a fork carry it), or for a sprite whose disk the host does not
+        mount (a VM), beside its disk image on the volume."""
+        return self.info_dir(sprite_id) if self.rt(sprite_id).host_rootfs else \
+            self.volume_dir(sprite_id)
+
     def rootfs_dir(self, sprite_id: str) -> Path:
         return self.sprites_run / sprite_id / "rootfs"
 
@@ -309,7 +316,7 @@ class Sprites:
                 elif source is None:
                     await self._fresh_disk(self.disk_image(row.id))
                 else:
-                    await self._clone_from(source[0], source[1], self.disk_image(row.id))
+                    await self._clone_from(source[0], source[1], row.id)
                 self.store.insert_checkpoint(
                     CheckpointRow(sprite_id=row.id, id="v0", seq=0, comment="empty disk",
                                   create_time=stamp, source_id=None, history=[],
@@ -443,13 +450,34 @@ class Sprites:
 
         self._pool_task = asyncio.create_task(refill())
 
-    async def _clone_from(self, src: SpriteRow, checkpoint: str | None, dst: Path) -> None:
-        """Clone another sprite's checkpoint, or its live disk frozen for the clone only."""
+    async def _clone_from(self, src: SpriteRow, checkpoint: str | None, dst_id: str) -> None:
+        """Clone another sprite's checkpoint, or its live disk frozen for the clone only.
+        On a driver with `memory_snapshots` its memory comes along (the live memory, the
+        checkpoint's, or a cold sprite's hibernated one) as the new sprite's hibernation
+        file: its first start resumes the source's processes, under its own identity
+        (docs/vm.md, "Fork"). The egress policy comes along too."""
+        dst = self.disk_image(dst_id)
+        memory = self.hibernation(dst_id) if self.rt(dst_id).memory_snapshots else None
+        if not self.rt(dst_id).host_rootfs:  # kept off its disk: copied here
+            policy_file = self.policy_dir(src.id) / policy.FILE
+            if policy_file.exists():
+                await asyncio.to_thread(
+                    (self.policy_dir(dst_id) / policy.FILE).parent.mkdir, parents=True,
+                    exist_ok=True)
+                await self.volume.clone(policy_file, self.policy_dir(dst_id) / policy.FILE)
         if checkpoint is not None:
             await self.volume.clone(self.checkpoint_image(src.id, checkpoint), dst)
+            snapshot = self.checkpoint_memory(src.id, checkpoint)
+            if memory is not None and snapshot.exists():
+                await self.volume.clone(snapshot, memory)
             return
         async with self.lock(src.id):
-            await self.consistent_clone(src, dst)
+            hibernated = self.hibernation(src.id)
+            if memory is not None and src.id not in self._live and hibernated.exists():
+                await self.volume.clone(hibernated, memory)
+                await self.volume.clone(self.disk_image(src.id), dst)
+                return
+            await self.consistent_clone(src, dst, memory)
 
     async def consistent_clone(self, row: SpriteRow, dst: Path,
                                memory: Path | None = None) -> bool:
@@ -577,7 +605,17 @@ class Sprites:
         for the client) when nothing answers there."""
         row = self.row(name)
         await self.handle(name)
-        return await self.network.connect(row.id, host, port)
+        inside = await self.rt(row.id).dial(row.id, host, port)
+        return inside if inside is not None else await self.network.connect(row.id, host, port)
+
+    async def proc_net(self, row: SpriteRow) -> tuple[dict[str, str], Path | None]:
+        """A running sprite's /proc/net/tcp and tcp6, and the network namespace their
+        sockets are in when the host can see their owners (None for a VM: its processes
+        are the guest's). Raises OSError when it stopped meanwhile."""
+        tables = await self.rt(row.id).proc_net(row.id)
+        if tables is not None:
+            return tables, None
+        return await self.network.proc_net(row.id), self.network.netns(row.id)
 
     async def stop_locked(self, sprite_id: str, *, discard_disk: bool = False) -> None:
         """For a caller holding the sprite's lock that starts it again at once
@@ -627,10 +665,11 @@ class Sprites:
             info = self.info_dir(row.id)
             if rt.host_rootfs:
                 await asyncio.to_thread(info.mkdir, mode=0o755, exist_ok=True)
-                # before the sprite's first packet: its processes are new, so are its
-                # lookups
-                await self.network.set_policy(
-                    row.id, await asyncio.to_thread(policy.load, info), fresh=True)
+            # before the sprite's first packet: its processes are new (or, resumed from
+            # memory, their connections are lost with the old address), so are its lookups
+            await self.network.set_policy(
+                row.id, await asyncio.to_thread(policy.load, self.policy_dir(row.id)),
+                fresh=True)
             await rt.start(row.id, row.name, rootfs, self.sprites_run / row.id,
                            resources.limits_for(self.config, row.config), net.netns,
                            net.resolv_conf, info, disk_image=self.disk_image(row.id),
@@ -894,9 +933,8 @@ class Sprites:
                     await rt.resume(sprite_id)
                 await rt.adopt(sprite_id, self.network.netns(sprite_id))
                 handle = self._handle(row)
-                if rt.host_rootfs:  # a VM's policy: not yet (docs/vm.md)
-                    await self.network.adopt_policy(
-                        row.id, await asyncio.to_thread(policy.load, self.info_dir(row.id)))
+                await self.network.adopt_policy(
+                    row.id, await asyncio.to_thread(policy.load, self.policy_dir(row.id)))
                 self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
                 self.activity.touch(row.id)
                 self.activity.load(row.id)

@@ -177,15 +177,18 @@ def test_restart_keeps_what_was_written(vm, vm_server: WispServer) -> None:
 
 
 def test_guest_has_no_way_out(vm) -> None:
-    """The agent NIC (QEMU user networking with restrict=on) carries only the forwarded
-    agent port into the guest: the guest cannot open a connection to the host side of it
-    (10.0.2.2, which would be the sprite netns's loopback) nor anywhere else."""
-    # the control: the same probe reaches a port that does listen (the guest's relay)
-    script = ("nc -w 2 127.0.0.1 7000 </dev/null >/dev/null 2>&1 && echo control-ok; "
-              "for t in 10.0.2.2:7000 10.0.2.2:22 10.0.2.3:53 198.51.100.1:80; do "
-              "nc -w 2 ${t%:*} ${t#*:} </dev/null >/dev/null 2>&1 && echo open $t; done; "
+    """The agent NIC (QEMU user networking with restrict=on) is not in the sprite's network
+    namespace in the guest: from the sprite, neither the relay (10.0.2.15:7000) nor the
+    host side of that link (10.0.2.2, the sprite netns's loopback on the host) nor anything
+    else answers. The control: the same probe reaches a listener of the sprite's own, on
+    the very port the relay uses."""
+    script = ("setsid nc -l -p 7000 -e true </dev/null >/dev/null 2>&1 & sleep 0.5; "
+              "nc -w 2 127.0.0.1 7000 </dev/null >/dev/null 2>&1 && echo control-ok; "
+              "for t in 10.0.2.15:7000 10.0.2.2:7000 10.0.2.2:22 10.0.2.3:53 198.51.100.1:80; "
+              "do nc -w 2 ${t%:*} ${t#*:} </dev/null >/dev/null 2>&1 && echo open $t; done; "
               "echo done")
     assert _sh(vm, script) == "control-ok\ndone\n"
+    assert "10.0.2." not in _sh(vm, "ip -o addr show")
     # and the relay still answers (nothing above broke the link)
     assert _sh(vm, "echo ok") == "ok\n"
 

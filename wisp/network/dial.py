@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["DialError", "open_connection", "in_netns", "read_proc_net"]
+__all__ = ["DialError", "open_connection", "in_netns", "read_proc_net", "target"]
 
 CLONE_NEWNET = 0x40000000
 DIAL_TIMEOUT = 5.0
@@ -66,7 +66,7 @@ def in_netns(netns: Path, fn: Callable[[], T]) -> T:
         os.close(home)
 
 
-def _target(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+def target(host: str, port: int) -> tuple[socket.AddressFamily, str]:
     if not 1 <= port <= 65535:
         raise DialError(f"port {port} is out of range")
     if host in ("", "localhost"):
@@ -82,7 +82,7 @@ async def open_connection(netns: Path, host: str, port: int, timeout: float = DI
                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
     """A TCP connection to `host:port` as seen from inside `netns`, and the target as
     "ip:port". Raises DialError with a message fit for a client."""
-    family, ip = _target(host, port)
+    family, ip = target(host, port)
 
     def make() -> socket.socket:
         return socket.socket(family, socket.SOCK_STREAM)
@@ -91,7 +91,7 @@ async def open_connection(netns: Path, host: str, port: int, timeout: float = DI
         sock = in_netns(netns, make)
     except OSError as exc:
         raise DialError(f"the sprite's network is not available ({exc.strerror})") from None
-    target = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+    shown = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
     try:
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
@@ -99,15 +99,15 @@ async def open_connection(netns: Path, host: str, port: int, timeout: float = DI
         reader, writer = await asyncio.open_connection(sock=sock)
     except TimeoutError:
         sock.close()
-        raise DialError(f"dial tcp {target}: timed out") from None
+        raise DialError(f"dial tcp {shown}: timed out") from None
     except OSError as exc:
         sock.close()
         reason = os.strerror(exc.errno) if exc.errno else "failed"
-        raise DialError(f"dial tcp {target}: {reason.lower()}") from None
+        raise DialError(f"dial tcp {shown}: {reason.lower()}") from None
     except BaseException:
         sock.close()
         raise
-    return reader, writer, target
+    return reader, writer, shown
 
 
 def read_proc_net(netns: Path, names: tuple[str, ...] = ("tcp", "tcp6")) -> dict[str, str]:

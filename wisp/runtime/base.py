@@ -118,6 +118,18 @@ class Runtime(abc.ABC):
         a driver whose sprites' roots are not host mounts changes how files are reached."""
         return handle
 
+    async def dial(self, sprite_id: str, host: str, port: int
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str] | None:
+        """A TCP connection to `host:port` as the sprite sees it, for a driver whose
+        sprite's network is not the network namespace it was given (a VM's is inside the
+        guest); None: dial in that namespace (`wisp.network`)."""
+        return None
+
+    async def proc_net(self, sprite_id: str) -> dict[str, str] | None:
+        """The sprite's /proc/net/tcp and tcp6, where the namespace's are not the
+        sprite's (see `dial`); None: read them in the namespace."""
+        return None
+
     @abc.abstractmethod
     async def stop(self, sprite_id: str) -> None:
         """End every process of the sprite and release its runtime resources (not its

@@ -17,22 +17,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from wisp.errors import SystemError_
+from wisp.network.dial import DialError, target
 from wisp.runtime import agent
 from wisp.runtime.base import Limits, Runtime, SpriteHandle
+from wisp.runtime.vm import relay as guest
 from wisp.runtime.vm.disks import base_disk
 from wisp.runtime.vm.qmp import QMP, QMPError, query_status
 from wisp.runtime.vm.relay import AGENT_PORT, HostRelay, open_fs, probe, sync
+from wisp.system import run
 
 __all__ = ["VMRuntime", "Assets", "BOOT_TIMEOUT"]
 
@@ -41,6 +47,10 @@ log = logging.getLogger("wisp.runtime.vm")
 #: Booting under TCG takes a few seconds; leave room for a loaded CI machine.
 BOOT_TIMEOUT = 90.0
 _GUEST_IP = "10.0.2.15"
+#: The agent link's NIC, told apart from the sprite's own by this address (guest/init.sh).
+AGENT_MAC = "02:00:00:00:00:01"
+#: The tap in the sprite's namespace that is the guest's NIC on the sprite's network.
+TAP = "wisp0"
 #: Where the guest's init mounts the sprite's root (guest/init.sh), as its fs agent sees it.
 GUEST_ROOT = "/root"
 
@@ -86,7 +96,8 @@ class VMRuntime(Runtime):
         if await self.running(sprite_id):
             return
         base = await asyncio.to_thread(base_disk, base_rootfs)
-        await self.boot(sprite_id, hostname, disk_image, base, limits, netns, memory)
+        await self.boot(sprite_id, hostname, disk_image, base, limits, netns, memory,
+                        resolv_conf)
 
     async def adopt(self, sprite_id: str, netns: Path) -> None:
         """QEMU outlived the server that started it (its own session); the relay to its
@@ -203,6 +214,32 @@ class VMRuntime(Runtime):
                 log.info("VM sprites run under %s", self._assets.accel.upper())
             return self._assets
 
+    async def dial(self, sprite_id: str, host: str, port: int
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        """A connection made inside the guest's sprite namespace (its `localhost` is not
+        the host namespace's): through the relay. Raises `DialError`."""
+        family, ip = target(host, port)
+        shown = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+        netns = self._netns.get(sprite_id)
+        if netns is None:
+            raise DialError("the sprite's network is not available")
+        try:
+            reader, writer, error = await guest.dial(netns, ip, port)
+        except (OSError, TimeoutError):
+            raise DialError("the sprite's VM did not answer") from None
+        if error is not None:
+            raise DialError(f"dial tcp {shown}: {error}")
+        return reader, writer, shown
+
+    async def proc_net(self, sprite_id: str) -> dict[str, str] | None:
+        netns = self._netns.get(sprite_id)
+        if netns is None:
+            raise OSError("the sprite's VM is not running")
+        tables = await guest.proc_net(netns)
+        if tables is None:
+            raise OSError("the sprite's VM did not answer")
+        return tables
+
     # -- where things are ---------------------------------------------------------------------
     def vm_dir(self, sprite_id: str) -> Path:
         return self.run_dir / sprite_id / "vm"
@@ -231,7 +268,7 @@ class VMRuntime(Runtime):
 
     # -- life -------------------------------------------------------------------------------
     def _argv(self, sprite_id: str, hostname: str, disk: Path, base: Path, limits: Limits,
-              memory: Path | None) -> list[str]:
+              memory: Path | None, mac: str) -> list[str]:
         a = self._assets
         if a is None:
             raise RuntimeError("ensure_assets() first")
@@ -243,7 +280,8 @@ class VMRuntime(Runtime):
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-serial", f"file:{vm / 'console.log'}",
             "-kernel", str(a.kernel), "-initrd", str(a.initrd),
-            "-append", f"console=ttyS0 quiet panic=-1 {a.kernel_args} wisp.hostname={hostname}"
+            "-append", f"console=ttyS0 quiet panic=-1 {a.kernel_args} wisp.hostname={hostname} "
+                       f"wisp.agent_mac={AGENT_MAC}"
                        + (" wisp.debug" if os.environ.get("WISP_VM_DEBUG") else ""),
         ]
         for name, path, ro in (("python", a.python, True), ("base", base, True),
@@ -258,7 +296,11 @@ class VMRuntime(Runtime):
         argv += [
             "-netdev", f"user,id=agent,restrict=on,"
                        f"hostfwd=tcp:127.0.0.1:{AGENT_PORT}-{_GUEST_IP}:{AGENT_PORT}",
-            "-device", "virtio-net-device,netdev=agent",
+            "-device", f"virtio-net-device,netdev=agent,mac={AGENT_MAC}",
+            # the sprite's own NIC: the tap `_plumb` made (always there, so that a memory
+            # snapshot loads whether or not the server has an uplink)
+            "-netdev", f"tap,id=net,ifname={TAP},script=no,downscript=no,vhost=off",
+            "-device", f"virtio-net-device,netdev=net,mac={mac}",
             "-device", "virtio-rng-device",
             "-qmp", f"unix:{self.qmp_socket(sprite_id)},server=on,wait=off",
             "-pidfile", str(vm / "qemu.pid"),
@@ -268,17 +310,20 @@ class VMRuntime(Runtime):
         return argv
 
     async def boot(self, sprite_id: str, hostname: str, disk: Path, base: Path,
-                   limits: Limits, netns: Path, memory: Path | None = None) -> None:
-        """Start the sprite's VM in `netns` and return once its agent answers; from the
-        memory snapshot `memory` (taken with the same disks) instead of booting."""
+                   limits: Limits, netns: Path, memory: Path | None = None,
+                   resolv_conf: str | None = None) -> None:
+        """Start the sprite's VM in `netns` and return once its agent answers and it knows
+        who it is (`_identity`); from the memory snapshot `memory` (taken with the same
+        disks, maybe of another sprite: a fork) instead of booting."""
         await self.ensure_assets()
+        net = await _plumb(netns)
         vm = self.vm_dir(sprite_id)
         vm.mkdir(parents=True, exist_ok=True)
         self._short(sprite_id).mkdir(parents=True, exist_ok=True)
         for stale in (self.qmp_socket(sprite_id), vm / "qemu.pid"):
             stale.unlink(missing_ok=True)
         argv = ["nsenter", f"--net={netns}", *self._argv(sprite_id, hostname, disk, base,
-                                                           limits, memory)]
+                                                           limits, memory, net.mac)]
         with open(vm / "qemu.log", "ab") as logf:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                     start_new_session=True, close_fds=True)
@@ -291,6 +336,11 @@ class VMRuntime(Runtime):
             if memory is not None:
                 await self._resume_incoming(sprite_id, proc)
             await self._wait_agent(sprite_id, proc)
+            spec = {**asdict(net), "hostname": hostname, "resolv": resolv_conf,
+                    "entropy": os.urandom(32).hex(), "time": time.time()}
+            if not await guest.identity(netns, spec):
+                raise SystemError_(f"VM {sprite_id} did not take its identity",
+                                   public="the sprite's VM failed to start")
         except BaseException:
             await asyncio.shield(self.stop(sprite_id))
             raise
@@ -432,6 +482,54 @@ class VMRuntime(Runtime):
         os.replace(tmp, memory)
 
 
+@dataclass(frozen=True)
+class _Nic:
+    """The guest's NIC on the sprite's network, as the guest is to configure it."""
+
+    mac: str
+    address: str | None = None  # "IP/prefix"; None without an uplink
+    gateway: str | None = None
+
+
+async def _plumb(netns: Path) -> _Nic:
+    """The tap that is the guest's NIC, made afresh in the sprite's namespace and, when
+    the namespace has a veth (an uplink), joined to it: every frame arriving on eth0 is
+    sent out of the tap and back (tc mirred, as Kata Containers does), so the guest owns
+    the sprite's address and the per-sprite network code (firewall, egress policy, DNS,
+    URLs) is the same for both drivers. The guest takes eth0's MAC and address; its
+    gateway is the other end of the /31 (`addresses.Pair`)."""
+    name = netns.name
+    await run("ip", "-n", name, "link", "del", TAP, check=False, timeout=30)
+    await run("ip", "-n", name, "-batch", "-", timeout=30,
+              input=f"tuntap add dev {TAP} mode tap\nlink set {TAP} up\n".encode())
+    res = await run("ip", "-n", name, "-j", "addr", "show", "dev", "eth0", check=False,
+                    timeout=30)
+    links = json.loads(res.stdout or b"[]") if res.returncode == 0 else []
+    if not links:  # no uplink: the guest's NIC leads nowhere
+        return _Nic(_local_mac())
+    addr = next((a for a in links[0].get("addr_info", []) if a.get("family") == "inet"),
+                None)
+    await run("tc", "-n", name, "qdisc", "del", "dev", "eth0", "ingress", check=False,
+              timeout=30)
+    redirect = "protocol all u32 match u8 0 0 action mirred egress redirect dev"
+    await run("tc", "-n", name, "-batch", "-", timeout=30, input=(
+        f"qdisc add dev eth0 ingress\n"
+        f"filter add dev eth0 parent ffff: {redirect} {TAP}\n"
+        f"qdisc add dev {TAP} ingress\n"
+        f"filter add dev {TAP} parent ffff: {redirect} eth0\n").encode())
+    if addr is None:
+        return _Nic(links[0]["address"])
+    local = ipaddress.IPv4Address(addr["local"])
+    return _Nic(links[0]["address"], f"{local}/{addr['prefixlen']}",
+                str(ipaddress.IPv4Address(int(local) ^ 1)))
+
+
+def _local_mac() -> str:
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in raw)
+
+
 def _quote(path: Path) -> str:
     s = str(path)
     if any(c in s for c in " '\"\\$`;&|<>"):
@@ -454,6 +552,7 @@ def guest_files() -> dict[str, Path | bytes]:
     here = Path(__file__).resolve().parent
     return {
         "init": here / "guest" / "init.sh",
+        "bin/wisp-start": here / "guest" / "start.sh",
         "bin/wisp-sprite": here / "guest" / "sprite.sh",
         "bin/wisp-relay": here / "guest" / "relay.sh",
         "wisp/relay.py": here / "guest" / "relay.py",

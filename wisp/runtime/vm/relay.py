@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from wisp.network.dial import in_netns
 from wisp.runtime.vm.channel import HEADER, HOST_IDS, Link, read_frame
 
-__all__ = ["HostRelay", "connect_in_netns", "open_fs", "AGENT_PORT"]
+__all__ = ["HostRelay", "connect_in_netns", "open_fs", "probe", "sync", "identity", "proc_net",
+           "dial", "AGENT_PORT"]
 
 log = logging.getLogger("wisp.runtime.vm")
 
 #: The guest relay's port, forwarded from the same port on the namespace's loopback.
 AGENT_PORT = 7000
+
+
 async def connect_in_netns(netns: Path, port: int = AGENT_PORT
                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     # a socket keeps the namespace it was made in
@@ -65,17 +70,24 @@ async def probe(netns: Path, port: int = AGENT_PORT) -> bool:
     """Whether the guest's relay is up and wisp-init accepts connections: an `H` frame,
     answered with one when the relay could connect to wisp-init. (A connection QEMU
     accepts is no sign of life: it accepts before the guest does, and then closes.)"""
+    return await _ask(netns, b"H", timeout=2.0, port=port) is not None
+
+
+async def _ask(netns: Path, kind: bytes, payload: bytes = b"", timeout: float = 30.0,
+               port: int = AGENT_PORT) -> bytes | None:
+    """One frame to the guest's relay and its answer's payload; None when the guest does
+    not answer in `timeout` or answers with another kind of frame (an `E`rror)."""
     try:
-        reader, writer = await connect_in_netns(netns, port)
-    except OSError:
-        return False
+        reader, writer = await asyncio.wait_for(connect_in_netns(netns, port), timeout)
+    except (OSError, TimeoutError):
+        return None
     try:
-        writer.write(HEADER.pack(b"H"[0], 0, 0))
+        writer.write(HEADER.pack(kind[0], 0, len(payload)) + payload)
         await writer.drain()
-        frame = await read_frame(reader)
-        return frame is not None and frame[0] == b"H"[0]
-    except OSError:
-        return False
+        frame = await asyncio.wait_for(read_frame(reader), timeout)
+        return frame[2] if frame is not None and frame[0] == kind[0] else None
+    except (OSError, TimeoutError):
+        return None
     finally:
         writer.close()
 
@@ -85,19 +97,43 @@ async def sync(netns: Path, timeout: float = 30.0, port: int = AGENT_PORT) -> bo
     `sync` returned): a disk image copied after this holds what the sprite wrote before.
     False when the guest does not answer in `timeout` (the copy is then crash-consistent
     only)."""
+    return await _ask(netns, b"S", timeout=timeout, port=port) is not None
+
+
+async def identity(netns: Path, spec: dict[str, Any], port: int = AGENT_PORT) -> bool:
+    """Tell the guest who it is (an `N` frame): hostname, MAC, address and gateway,
+    resolv.conf, and fresh entropy for its RNG (see guest/relay.py `identity`)."""
+    return await _ask(netns, b"N", json.dumps(spec).encode(), port=port) is not None
+
+
+async def proc_net(netns: Path, port: int = AGENT_PORT) -> dict[str, str] | None:
+    """The sprite's /proc/net/tcp and tcp6 as the guest sees them (`T` frame)."""
+    reply = await _ask(netns, b"T", timeout=10.0, port=port)
+    return json.loads(reply) if reply is not None else None
+
+
+async def dial(netns: Path, host: str, port: int, timeout: float = 10.0,
+               agent_port: int = AGENT_PORT
+               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str | None]:
+    """A TCP connection to `host:port` from inside the guest's sprite namespace (a `C`
+    frame; then the stream is the connection's bytes). The third item is None when
+    connected, else why not (fit for a client)."""
+    reader, writer = await asyncio.wait_for(connect_in_netns(netns, agent_port), timeout)
     try:
-        reader, writer = await asyncio.wait_for(connect_in_netns(netns, port), timeout)
-    except (OSError, TimeoutError):
-        return False
-    try:
-        writer.write(HEADER.pack(b"S"[0], 0, 0))
+        payload = json.dumps({"host": host, "port": port}).encode()
+        writer.write(HEADER.pack(b"C"[0], 0, len(payload)) + payload)
         await writer.drain()
         frame = await asyncio.wait_for(read_frame(reader), timeout)
-        return frame is not None and frame[0] == b"S"[0]
-    except (OSError, TimeoutError):
-        return False
-    finally:
+    except BaseException:
         writer.close()
+        raise
+    if frame is None or frame[0] != b"C"[0]:
+        writer.close()
+        return reader, writer, "the sprite's VM did not answer"
+    if frame[2]:
+        writer.close()
+        return reader, writer, frame[2].decode(errors="replace")
+    return reader, writer, None
 
 
 class _HostLink(Link):

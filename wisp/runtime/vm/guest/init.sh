@@ -14,8 +14,12 @@ for d in /sys/block/vd*; do
     [ -e "$d/serial" ] && ln -sf "/dev/${d##*/}" "/dev/disk-$(cat "$d/serial")"
 done
 host=sprite
+agent_mac=
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in wisp.hostname=*) host="${arg#wisp.hostname=}" ;; esac
+    case "$arg" in
+        wisp.hostname=*) host="${arg#wisp.hostname=}" ;;
+        wisp.agent_mac=*) agent_mac="${arg#wisp.agent_mac=}" ;;
+    esac
 done
 mkdir -p /tools /lower /disk /root
 mount -o ro /dev/disk-python /tools
@@ -32,18 +36,25 @@ echo "$host" > /root/.wisp/hostname
 [ -e /root/etc/hosts ] || touch /root/etc/hosts
 mount --bind /root/.wisp/hosts /root/etc/hosts
 mount -o remount,bind,ro /root/etc/hosts
+# the sprite's resolver, written by the relay when the host says which (`N` frames); until
+# then, and without an uplink, the image's own
+cat /root/etc/resolv.conf > /root/.wisp/resolv.conf 2>/dev/null
+[ -e /root/etc/resolv.conf ] || touch /root/etc/resolv.conf
+mount --bind /root/.wisp/resolv.conf /root/etc/resolv.conf
+mount -o remount,bind,ro /root/etc/resolv.conf
 mount --bind /disk/sprite /root/.sprite
 mount -o remount,bind,ro /root/.sprite
 mount --bind /disk/sprite/logs /root/.sprite/logs
 mount -t tmpfs -o size=64k,nr_inodes=512,mode=1777 tasks /root/run/sprite/tasks
 ip link set lo up
-ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
-ip route add default via 10.0.2.2
-mkdir -p /etc
+for d in /sys/class/net/*; do  # the agent link (the sprite's own NIC: start.sh)
+    [ "$(cat "$d/address")" = "$agent_mac" ] || continue
+    ip link set "${d##*/}" up
+    ip addr add 10.0.2.15/24 dev "${d##*/}"
+done
 mkdir -p /etc
 cat > /etc/inittab <<EOF
-::once:/bin/unshare -m -u -i -p -f /bin/wisp-sprite
+::once:/bin/wisp-start
 ::respawn:/bin/wisp-relay
 EOF
 exec /bin/init
