@@ -261,11 +261,15 @@ class Filesystem:
         return await self._call(handle, as_root, "list",
                                 {"path": path, "recursive": recursive, "pattern": pattern})
 
-    async def read(self, handle: SpriteHandle, path: str, *,
-                   as_root: bool = False) -> FileStream:
+    async def read(self, handle: SpriteHandle, path: str, *, as_root: bool = False,
+                   offset: int = 0, limit: int | None = None) -> FileStream:
         """Open a regular file for streaming; errors (ENOENT, EISDIR, EACCES) raise here,
-        before any byte is sent."""
-        reply, reader, writer = await self._open(handle, as_root, "read", {"path": path})
+        before any byte is sent. `offset` (from the end when negative) and `limit` read a
+        part of it; `size` is the whole file's."""
+        args: dict[str, Any] = {"path": path}
+        if offset or limit is not None:
+            args.update(offset=offset, limit=limit)
+        reply, reader, writer = await self._open(handle, as_root, "read", args)
         result = reply.get("result") or {}
         return FileStream(path, int(result.get("size", 0)), reader, writer)
 

@@ -355,15 +355,25 @@ def op_read(args: dict[str, Any], data: bytes, sock: socket.socket) -> None:
     fd = _open_regular("open", path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        _send_json(sock, {"ok": True, "stream": True, "result": {"path": path, "size": size}})
-        while True:
+        # a part of the file (a service log's tail): from `offset` (from the end when
+        # negative), at most `limit` bytes
+        offset = int(args.get("offset") or 0)
+        left = int(args["limit"]) if args.get("limit") is not None else -1
+        start = max(0, size + offset) if offset < 0 else offset
+        if start:
+            os.lseek(fd, start, os.SEEK_SET)
+        _send_json(sock, {"ok": True, "stream": True,
+                          "result": {"path": path, "size": size, "start": start}})
+        while left != 0:
             try:
-                chunk = os.read(fd, CHUNK)
+                chunk = os.read(fd, CHUNK if left < 0 else min(CHUNK, left))
             except OSError as exc:
                 _send_error(sock, _os_error(exc, "read", path))
                 return None
             if not chunk:
                 break
+            if left > 0:
+                left -= len(chunk)
             _send_frame(sock, b"D", chunk)
         _send_frame(sock, b"E")
     finally:

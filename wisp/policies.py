@@ -37,11 +37,11 @@ class Policies:
 
     async def get(self, name: str) -> dict[str, Any]:
         async with self._locked(name) as row:
-            current = await asyncio.to_thread(load, self.sprites.policy_dir(row.id))
+            current = await asyncio.to_thread(load, self.sprites.settings_dir(row.id))
         return current.to_json()
 
     async def set(self, name: str, body: object) -> None:
         new = Policy.parse(body)  # a bad body is refused before the sprite is woken
         async with self._locked(name) as row:
-            await asyncio.to_thread(save, self.sprites.policy_dir(row.id), new)
+            await asyncio.to_thread(save, self.sprites.settings_dir(row.id), new)
             await self.sprites.network.set_policy(row.id, new)

@@ -36,12 +36,14 @@ from typing import TYPE_CHECKING, Any
 from wisp.errors import (
     BadRequest,
     Conflict,
+    FsError,
     ServiceNotFound,
     ServiceNotRunning,
     SpriteUnresponsive,
     SystemError_,
     WispError,
 )
+from wisp.filesystem import Filesystem
 from wisp.runtime import supervisor
 from wisp.runtime.base import SpriteHandle
 
@@ -257,7 +259,7 @@ async def http_port(sprites: Sprites, row: SpriteRow) -> int | None:
     a running or warm one is left to the dial that follows, which wakes it."""
     if sprites.status(row) == "cold":
         await sprites.handle(row.name)
-    path = sprites.info_dir(row.id) / FILE
+    path = sprites.settings_dir(row.id) / FILE
     try:  # every URL request asks: answer from the last read while the file is unchanged
         st = os.stat(path)
         stamp = (st.st_mtime_ns, st.st_size)
@@ -321,65 +323,83 @@ def _open_log(info_dir: Path, filename: str) -> int | None:
     return fd
 
 
+class Logs:
+    """Where a sprite's service log files are read: on its disk as the host mounts it (a
+    container), or through the sprite's own fs agent when only the guest mounts its disk
+    (a VM: `SpriteHandle.fs_connect`)."""
+
+    def __init__(self, info_dir: Path, handle: SpriteHandle) -> None:
+        self.info_dir = info_dir
+        self.handle = handle
+
+    async def read(self, filename: str, offset: int, limit: int = LOG_MAX
+                   ) -> tuple[int, bytes]:
+        """The file's size and up to `limit` bytes from `offset` (from the end when
+        negative); (0, b"") for a file that is not there."""
+        if self.handle.fs_connect is None:
+            return await asyncio.to_thread(_read_host, self.info_dir, filename, offset, limit)
+        try:
+            stream = await _guest_fs.read(self.handle, f"/.sprite/logs/services/{filename}",
+                                          as_root=True, offset=offset, limit=limit)
+        except FsError:
+            return 0, b""
+        data = bytearray()
+        try:
+            async for chunk in stream:
+                data += chunk
+        except FsError:
+            pass
+        return stream.size, bytes(data)
+
+    async def sizes(self, name: str) -> dict[str, int]:
+        return {s: (await self.read(f"{name}.{s}.log", 0, 0))[0] for s in STREAMS}
+
+    async def last_lines(self, filename: str, lines: int) -> list[str]:
+        if lines <= 0:
+            return []
+        _size, data = await self.read(filename, -LOG_MAX)
+        return data.decode(errors="replace").splitlines(keepends=True)[-lines:]
+
+
+_guest_fs = Filesystem()
+STREAMS = ("stdout", "stderr")
+
+
+def _read_host(info_dir: Path, filename: str, offset: int, limit: int) -> tuple[int, bytes]:
+    fd = _open_log(info_dir, filename)
+    if fd is None:
+        return 0, b""
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, size + offset) if offset < 0 else offset
+        return size, os.pread(fd, max(0, min(limit, size - start)), start) if limit else b""
+    finally:
+        os.close(fd)
+
+
 class _Tail:
     """Follows a service's stdout and stderr log files from given offsets."""
 
-    STREAMS = ("stdout", "stderr")
-
-    def __init__(self, info_dir: Path, name: str, offsets: dict[str, int]) -> None:
-        self.info_dir = info_dir
+    def __init__(self, logs: Logs, name: str, offsets: dict[str, int]) -> None:
+        self.logs = logs
         self.name = name
         self.offsets = dict(offsets)
 
-    @staticmethod
-    def sizes(info_dir: Path, name: str) -> dict[str, int]:
-        out = {}
-        for s in _Tail.STREAMS:
-            fd = _open_log(info_dir, f"{name}.{s}.log")
-            out[s] = 0 if fd is None else os.fstat(fd).st_size
-            if fd is not None:
-                os.close(fd)
-        return out
-
-    def read(self) -> list[dict[str, Any]]:
+    async def read(self) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
-        for s in self.STREAMS:
-            fd = _open_log(self.info_dir, f"{self.name}.{s}.log")
-            if fd is None:
-                continue
-            try:
-                size = os.fstat(fd).st_size
-                if size < self.offsets.get(s, 0):  # rotated: the new file from its start
-                    self.offsets[s] = 0
-                while self.offsets.get(s, 0) < size:
-                    data = os.pread(fd, CHUNK, self.offsets.get(s, 0))
-                    if not data:
-                        break
-                    self.offsets[s] = self.offsets.get(s, 0) + len(data)
-                    events.append({"type": s, "data": data.decode(errors="replace"),
-                                   "timestamp": _ms()})
-            finally:
-                os.close(fd)
+        for s in STREAMS:
+            offset = self.offsets.get(s, 0)
+            size, data = await self.logs.read(f"{self.name}.{s}.log", offset)
+            if size < offset:  # rotated: the new file from its start
+                size, data = await self.logs.read(f"{self.name}.{s}.log", 0)
+                offset = 0
+            self.offsets[s] = offset + len(data)
+            for i in range(0, len(data), CHUNK):
+                events.append({"type": s, "data": data[i:i + CHUNK].decode(errors="replace"),
+                               "timestamp": _ms()})
         return events
 
 
-def _last_lines(info_dir: Path, filename: str, lines: int) -> list[str]:
-    fd = _open_log(info_dir, filename)
-    if fd is None or lines <= 0:
-        if fd is not None:
-            os.close(fd)
-        return []
-    try:
-        size = os.fstat(fd).st_size
-        start = max(0, size - LOG_MAX)
-        data = os.pread(fd, size - start, start)
-    finally:
-        os.close(fd)
-    text = data.decode(errors="replace")
-    return text.splitlines(keepends=True)[-lines:]
-
-
-# -- the API's core ------------------------------------------------------------------------
 class SpriteServices:
     """The services of every sprite: what the routes call."""
 
@@ -399,7 +419,10 @@ class SpriteServices:
 
     async def _woken(self, name: str) -> tuple[Path, SpriteHandle]:
         handle = await self.sprites.handle(name)
-        return self.sprites.info_dir(self.sprites.row(name).id), handle
+        return self.sprites.settings_dir(self.sprites.row(name).id), handle
+
+    def _logs(self, handle: SpriteHandle) -> Logs:
+        return Logs(self.sprites.info_dir(self.sprites.row(handle.name).id), handle)
 
     @staticmethod
     async def _status(handle: SpriteHandle) -> dict[str, supervisor.ServiceStatus]:
@@ -426,7 +449,7 @@ class SpriteServices:
         definition); then its output for `duration` seconds."""
         new = ServiceDef.parse(svc, body)  # refused before the sprite is woken
         async with self._locked(name) as (row, handle):
-            info = self.sprites.info_dir(row.id)
+            info = self.sprites.settings_dir(row.id)
             defs = await asyncio.to_thread(load, info)
             if new.http_port is not None and any(
                     d.http_port is not None and d.name != svc for d in defs.values()):
@@ -435,18 +458,18 @@ class SpriteServices:
                 raise BadRequest(f"a sprite has at most {MAX_SERVICES} services")
             _request(handle, new, start=True)  # refused here, before it is stored
             defs[svc] = new
-            offsets = await asyncio.to_thread(_Tail.sizes, info, svc)
+            offsets = await self._logs(handle).sizes(svc)
             await asyncio.to_thread(save, info, defs)
             old = (await self._status(handle)).get(svc)
             await _define(handle, new, start=True)
-        return self._follow_start(info, handle, svc, offsets, duration,
+        return self._follow_start(handle, svc, offsets, duration,
                                   replacing=old.pid if old is not None else 0)
 
     async def delete(self, name: str, svc: str) -> None:
         """Stop it (SIGTERM, SIGKILL after the stop timeout) and drop its definition; its
         log files stay."""
         async with self._locked(name) as (row, handle):
-            info = self.sprites.info_dir(row.id)
+            info = self.sprites.settings_dir(row.id)
             defs = await asyncio.to_thread(load, info)
             if svc not in defs:
                 raise ServiceNotFound(svc)
@@ -461,7 +484,7 @@ class SpriteServices:
     async def _mark(self, name: str, svc: str, *, stopped: bool
                     ) -> tuple[Path, SpriteHandle, ServiceDef]:
         async with self._locked(name) as (row, handle):
-            info = self.sprites.info_dir(row.id)
+            info = self.sprites.settings_dir(row.id)
             defs = await asyncio.to_thread(load, info)
             d = defs.get(svc)
             if d is None:
@@ -474,12 +497,12 @@ class SpriteServices:
     async def start(self, name: str, svc: str,
                     duration: float) -> AsyncIterator[dict[str, Any]]:
         info, handle, d = await self._mark(name, svc, stopped=False)
-        offsets = await asyncio.to_thread(_Tail.sizes, info, svc)
+        offsets = await self._logs(handle).sizes(svc)
         old = (await self._status(handle)).get(svc)
         await self._agent_start(handle, d)
         # one still stopping is started again once it is gone; one running is left alone
         replacing = old.pid if old is not None and old.status == "stopping" else 0
-        return self._follow_start(info, handle, svc, offsets, duration, replacing=replacing)
+        return self._follow_start(handle, svc, offsets, duration, replacing=replacing)
 
     async def _agent_start(self, handle: SpriteHandle, d: ServiceDef) -> None:
         try:
@@ -513,9 +536,9 @@ class SpriteServices:
                 async for ev in self._follow_stop(handle, svc, DEFAULT_STOP_TIMEOUT,
                                                   then_complete=False):
                     yield ev
-            offsets = await asyncio.to_thread(_Tail.sizes, info, svc)
+            offsets = await self._logs(handle).sizes(svc)
             await self._agent_start(handle, d)
-            async for ev in self._follow_start(info, handle, svc, offsets, duration):
+            async for ev in self._follow_start(handle, svc, offsets, duration):
                 yield ev
 
         return events()
@@ -533,36 +556,36 @@ class SpriteServices:
                    duration: float) -> AsyncIterator[dict[str, Any]]:
         """The last `lines` lines of stdout, then of stderr (the order between the two
         streams is not kept), then new output for `duration` seconds, then `complete`."""
-        info, _handle = await self._woken(name)
+        info, handle = await self._woken(name)
         if svc not in await asyncio.to_thread(load, info):
             raise ServiceNotFound(svc)
-        offsets = await asyncio.to_thread(_Tail.sizes, info, svc)
-        backlog = {s: await asyncio.to_thread(_last_lines, info, f"{svc}.{s}.log", lines)
-                   for s in _Tail.STREAMS}
+        logs = self._logs(handle)
+        offsets = await logs.sizes(svc)
+        backlog = {s: await logs.last_lines(f"{svc}.{s}.log", lines) for s in STREAMS}
 
         async def events() -> AsyncIterator[dict[str, Any]]:
-            for s in _Tail.STREAMS:
+            for s in STREAMS:
                 for line in backlog[s]:
                     yield {"type": s, "data": line, "timestamp": _ms()}
-            tail = _Tail(info, svc, offsets)
+            tail = _Tail(logs, svc, offsets)
             loop = asyncio.get_running_loop()
             end = loop.time() + duration
             while loop.time() < end:
                 await asyncio.sleep(min(POLL, max(0.0, end - loop.time())))
-                for ev in await asyncio.to_thread(tail.read):
+                for ev in await tail.read():
                     yield ev
             yield {"type": "complete", "log_files": _log_files(svc), "timestamp": _ms()}
 
         return events()
 
     # -- event streams -------------------------------------------------------------------
-    async def _follow_start(self, info: Path, handle: SpriteHandle, svc: str,
+    async def _follow_start(self, handle: SpriteHandle, svc: str,
                             offsets: dict[str, int], duration: float, *,
                             replacing: int = 0) -> AsyncIterator[dict[str, Any]]:
         """`started`, its output, then `complete` after `duration` or `exit` if the process
         ends first (the agent restarts it; that is not followed). `replacing`: the pid of
         a process the agent is stopping first; its end is not this start's `exit`."""
-        tail = _Tail(info, svc, offsets)
+        tail = _Tail(self._logs(handle), svc, offsets)
         loop = asyncio.get_running_loop()
         try:
             first = (await self._status(handle)).get(svc)
@@ -576,11 +599,11 @@ class SpriteServices:
             yield {"type": "started", "timestamp": _ms()}
             pid = first.pid if first is not None else 0
             while True:
-                for ev in await asyncio.to_thread(tail.read):
+                for ev in await tail.read():
                     yield ev
                 st = (await self._status(handle)).get(svc)
                 if st is None or st.pid != pid or pid == 0:
-                    for ev in await asyncio.to_thread(tail.read):
+                    for ev in await tail.read():
                         yield ev
                     code = st.last_exit if st is not None else -1
                     yield {"type": "exit", "exit_code": code, "timestamp": _ms()}

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wisp import resources, services
+from wisp.base_snapshots import BaseSnapshots
 from wisp.config import Config, idle_seconds
 from wisp.db import CheckpointRow, SpriteRow, Store, now
 from wisp.errors import BadRequest, InvalidName, SpriteExists, SpriteNotFound, SystemError_
@@ -112,6 +113,8 @@ class Sprites:
         self.activity = Activity(config.run_dir / "tasks")
         #: ext4 metadata (journal, inode tables) an empty disk already uses; not user data.
         self.empty_disk_bytes = 0
+        #: What a new VM sprite resumes instead of booting (docs/vm.md).
+        self.bases = BaseSnapshots(self)
 
     # -- paths ----------------------------------------------------------------------------
     def volume_dir(self, sprite_id: str) -> Path:
@@ -142,10 +145,10 @@ class Sprites:
         """On the sprite's disk beside its root's upper layer: /.sprite, read-only inside."""
         return self.disk_dir(sprite_id) / "sprite"
 
-    def policy_dir(self, sprite_id: str) -> Path:
-        """Where the sprite's egress policy is kept: on its disk (`info_dir`, so a
-        checkpoint and a fork carry it), or for a sprite whose disk the host does not
-        mount (a VM), beside its disk image on the volume."""
+    def settings_dir(self, sprite_id: str) -> Path:
+        """Where the sprite's egress policy and service definitions are kept: on its disk
+        (`info_dir`, so a checkpoint and a fork carry them), or for a sprite whose disk the
+        host does not mount (a VM), beside its disk image on the volume."""
         return self.info_dir(sprite_id) if self.rt(sprite_id).host_rootfs else \
             self.volume_dir(sprite_id)
 
@@ -314,7 +317,10 @@ class Sprites:
                 if warm is not None:
                     pass  # its disk is in place and mounted already
                 elif source is None:
-                    await self._fresh_disk(self.disk_image(row.id))
+                    if not await self.bases.take(
+                            row.id, self.rt(row.id), base,
+                            resources.limits_for(self.config, row.config)):
+                        await self._fresh_disk(self.disk_image(row.id))
                 else:
                     await self._clone_from(source[0], source[1], row.id)
                 self.store.insert_checkpoint(
@@ -360,7 +366,10 @@ class Sprites:
         async def discard() -> None:
             await self._purge_unrecorded(warm.id)
 
-        task = asyncio.create_task(discard())
+        self.track(asyncio.create_task(discard()))
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Background work the server's stop cancels and waits for (`stop_all`)."""
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -455,16 +464,16 @@ class Sprites:
         On a driver with `memory_snapshots` its memory comes along (the live memory, the
         checkpoint's, or a cold sprite's hibernated one) as the new sprite's hibernation
         file: its first start resumes the source's processes, under its own identity
-        (docs/vm.md, "Fork"). The egress policy comes along too."""
+        (docs/vm.md, "Forks"). Its egress policy and services come along too."""
         dst = self.disk_image(dst_id)
         memory = self.hibernation(dst_id) if self.rt(dst_id).memory_snapshots else None
         if not self.rt(dst_id).host_rootfs:  # kept off its disk: copied here
-            policy_file = self.policy_dir(src.id) / policy.FILE
-            if policy_file.exists():
-                await asyncio.to_thread(
-                    (self.policy_dir(dst_id) / policy.FILE).parent.mkdir, parents=True,
-                    exist_ok=True)
-                await self.volume.clone(policy_file, self.policy_dir(dst_id) / policy.FILE)
+            for name in (policy.FILE, Path(services.FILE)):
+                if (self.settings_dir(src.id) / name).exists():
+                    await asyncio.to_thread((self.settings_dir(dst_id) / name).parent.mkdir,
+                                            parents=True, exist_ok=True)
+                    await self.volume.clone(self.settings_dir(src.id) / name,
+                                            self.settings_dir(dst_id) / name)
         if checkpoint is not None:
             await self.volume.clone(self.checkpoint_image(src.id, checkpoint), dst)
             snapshot = self.checkpoint_memory(src.id, checkpoint)
@@ -668,7 +677,7 @@ class Sprites:
             # before the sprite's first packet: its processes are new (or, resumed from
             # memory, their connections are lost with the old address), so are its lookups
             await self.network.set_policy(
-                row.id, await asyncio.to_thread(policy.load, self.policy_dir(row.id)),
+                row.id, await asyncio.to_thread(policy.load, self.settings_dir(row.id)),
                 fresh=True)
             await rt.start(row.id, row.name, rootfs, self.sprites_run / row.id,
                            resources.limits_for(self.config, row.config), net.netns,
@@ -685,8 +694,8 @@ class Sprites:
         self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
         self.activity.touch(row.id)
         self.store.update_sprite(row.id, last_running_at=now())
-        if rt.host_rootfs:  # a VM's services: not yet (docs/vm.md)
-            await services.boot(self.info_dir(row.id), handle)  # in `needs` order
+        if memory is None:  # resumed from memory, its agent has them running already
+            await services.boot(self.settings_dir(row.id), handle)  # in `needs` order
         return handle
 
     def prestart(self, name: str) -> None:
@@ -697,9 +706,7 @@ class Sprites:
             except Exception as exc:
                 log.info("background start of %s failed: %s", name, exc)
 
-        task = asyncio.create_task(start())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.track(asyncio.create_task(start()))
 
     async def _stop(self, sprite_id: str, *, discard: bool = False,
                     restarting: bool = False) -> None:
@@ -934,7 +941,7 @@ class Sprites:
                 await rt.adopt(sprite_id, self.network.netns(sprite_id))
                 handle = self._handle(row)
                 await self.network.adopt_policy(
-                    row.id, await asyncio.to_thread(policy.load, self.policy_dir(row.id)))
+                    row.id, await asyncio.to_thread(policy.load, self.settings_dir(row.id)))
                 self._live[row.id] = _Live(handle, pid, timers=self.idle_timers(row))
                 self.activity.touch(row.id)
                 self.activity.load(row.id)
@@ -962,6 +969,7 @@ class Sprites:
             used = await disk.measure_used(self.template, probe)
             baseline.write_text(str(used))
         self.empty_disk_bytes = int(baseline.read_text())
+        self.bases.recover()
         if self.pool_dir.exists():  # half-made pool entries from a crash
             for tmp in self.pool_dir.glob("*.tmp"):
                 tmp.unlink(missing_ok=True)

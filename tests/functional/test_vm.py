@@ -5,7 +5,10 @@ agent, and checkpoints that hold memory: a restore resumes a process counting in
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,8 @@ from sprites import SpritesClient
 
 from tests.framework.server import WispServer
 from tests.functional.test_adoption import _session_ids, _start_detached
+from tests.functional.test_js_sdk import JS, NODE
+from tests.unit import test_exec_sessions as scenarios
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +279,97 @@ def test_server_restarts_kill_no_vm_process(vm, vm_server: WispServer) -> None:
         vm_server.stop()
         vm_server.stop_sprites = True
         vm_server.start()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_freed_guest_memory_returns_to_the_host(vm, vm_server: WispServer) -> None:
+    """Free page reporting: 160 MB the guest writes grow QEMU's resident memory; once the
+    guest frees them, QEMU discards the pages it reported and the host has them back."""
+    _sh(vm, "rm -f /dev/shm/fill; sync")  # (and running: a test before may stop it)
+    sprite_id = vm_server.api("GET", f"/v1/sprites/{vm.name}").json()["id"]
+    pid = next(p for p in _qemu_of(vm_server)
+               if sprite_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes())
+    base = _rss_mb(pid)
+    _sh(vm, "yes xxxxxxxxxxxxxxx | head -c 167772160 > /dev/shm/fill")
+    filled = _rss_mb(pid)
+    assert filled - base >= 120, (base, filled)  # the control: the pages did land
+    _sh(vm, "rm /dev/shm/fill")
+    deadline = time.monotonic() + 60
+    while _rss_mb(pid) > filled - 100:
+        assert time.monotonic() < deadline, (base, filled, _rss_mb(pid))
+        time.sleep(0.5)
+
+
+def test_services_run_in_the_guest(vm, vm_server: WispServer) -> None:
+    """A service defined through sprites-py runs in the guest: its start streams its output
+    (read from the guest's log files through its fs agent), it survives a cold sleep (the
+    same process: memory), and after a restart (a boot) it is started again from its
+    stored definition."""
+    stream = list(vm.create_service("tick", "sh", ["-c", "echo hello-svc; exec sleep 1000"],
+                                    duration=1))
+    assert "hello-svc\n" in "".join(m.data or "" for m in stream if m.type == "stdout")
+    state = vm.get_service("tick").state
+    assert state.status == "running" and state.pid > 0
+    r = vm_server.api("GET", f"/v1/sprites/{vm.name}/services/tick/logs?lines=5")
+    events = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+    assert [e["data"] for e in events if e["type"] == "stdout"] == ["hello-svc\n"]
+    assert events[-1]["type"] == "complete"
+    r = vm_server.api("POST", f"/v1/sprites/{vm.name}/sleep", json={"state": "cold"})
+    assert r.status_code < 300, r.text
+    assert vm.get_service("tick").state.pid == state.pid
+    r = vm_server.api("POST", f"/v1/sprites/{vm.name}/restart")
+    assert r.status_code < 300, r.text
+    deadline = time.monotonic() + 30
+    while (again := vm.get_service("tick").state).status != "running":
+        assert time.monotonic() < deadline, again
+        time.sleep(0.2)
+    assert _sh(vm, f"cat /proc/{again.pid}/cmdline | tr '\\0' ' '").startswith("sleep 1000")
+    vm.delete_service("tick")
+    assert vm.list_services() == []
+
+
+def test_js_sdk_services_on_a_vm(vm_server: WispServer) -> None:
+    """tests/js/services.mjs (createService, restartService, getServiceLogs, delete)
+    against a server whose sprites are VMs."""
+    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
+        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
+    env = dict(os.environ, WISP_API=vm_server.url, WISP_TOKEN=vm_server.token)
+    r = subprocess.run([str(NODE), "services.mjs"], cwd=JS, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert r.stdout.splitlines()[-1] == "ok delete"
+
+
+# -- the SDK scenarios the container sprites pass (contract §6.1-§6.3), on a VM -------------
+SDK_SCENARIOS = [scenarios.test_echo, scenarios.test_default_dir_is_home,
+                 scenarios.test_env_on_top_of_defaults, scenarios.test_dir,
+                 scenarios.test_exit_code, scenarios.test_stdin_pipe, scenarios.test_tty,
+                 scenarios.test_no_tty, scenarios.test_tty_size,
+                 scenarios.test_stdout_stderr_separate, scenarios.test_command_not_found,
+                 scenarios.test_concurrent_commands]
+
+
+@pytest.mark.parametrize("scenario", SDK_SCENARIOS, ids=lambda f: f.__name__[5:])
+def test_sdk_scenario(vm, scenario) -> None:  # type: ignore[no-untyped-def]
+    """Each exec scenario of sprites-py that a container sprite passes
+    (tests/unit/test_exec_sessions.py), run as it is on the VM sprite."""
+    scenario(vm)
+
+
+def test_js_sdk_acceptance_on_a_vm(vm_server: WispServer) -> None:
+    """The JS SDK's own integration scenarios (tests/js/acceptance.mjs: exec, TTY, HTTP
+    exec, files, checkpoint + restore, list, delete) against a server whose sprites are
+    VMs."""
+    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
+        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
+    env = dict(os.environ, WISP_API=vm_server.url, WISP_TOKEN=vm_server.token)
+    r = subprocess.run([str(NODE), "acceptance.mjs"], cwd=JS, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert r.stdout.splitlines()[-1] == "ok delete"

@@ -118,6 +118,11 @@ class Runtime(abc.ABC):
         a driver whose sprites' roots are not host mounts changes how files are reached."""
         return handle
 
+    async def snapshot_key(self, limits: Limits, image_version: str) -> str:
+        """With `memory_snapshots`: what a memory snapshot of a sprite booted with
+        `limits` on that image can be resumed by (equal keys: compatible snapshots)."""
+        raise NotImplementedError(f"the {self.name} runtime keeps no memory snapshots")
+
     async def dial(self, sprite_id: str, host: str, port: int
                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str] | None:
         """A TCP connection to `host:port` as the sprite sees it, for a driver whose

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -49,6 +50,9 @@ BOOT_TIMEOUT = 90.0
 _GUEST_IP = "10.0.2.15"
 #: The agent link's NIC, told apart from the sprite's own by this address (guest/init.sh).
 AGENT_MAC = "02:00:00:00:00:01"
+#: The QEMU machine and device layout: a memory snapshot loads only into the same one.
+#: Change it with `_argv`'s devices.
+LAYOUT = "microvm-2"
 #: The tap in the sprite's namespace that is the guest's NIC on the sprite's network.
 TAP = "wisp0"
 #: Where the guest's init mounts the sprite's root (guest/init.sh), as its fs agent sees it.
@@ -240,6 +244,23 @@ class VMRuntime(Runtime):
             raise OSError("the sprite's VM did not answer")
         return tables
 
+    async def snapshot_key(self, limits: Limits, image_version: str) -> str:
+        """What a memory snapshot can be resumed by: one booted from the same kernel,
+        initramfs, guest Python and base image, on the same accelerator, RAM size, CPU
+        count and device layout (`LAYOUT`). Names a base snapshot (`wisp.base_snapshots`)."""
+        a = await self.ensure_assets()
+
+        def digest() -> str:
+            h = hashlib.sha256(f"{LAYOUT}|{a.accel}|{a.kernel_args}|{limits.memory_mb}|"
+                               f"{max(1, int(limits.cpus))}|{image_version}".encode())
+            h.update((a.initrd.parent / (a.initrd.name + ".manifest.json")).read_bytes())
+            for f in (a.kernel, a.python):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+            return h.hexdigest()[:20]
+
+        return await asyncio.to_thread(digest)
+
     # -- where things are ---------------------------------------------------------------------
     def vm_dir(self, sprite_id: str) -> Path:
         return self.run_dir / sprite_id / "vm"
@@ -302,6 +323,9 @@ class VMRuntime(Runtime):
             "-netdev", f"tap,id=net,ifname={TAP},script=no,downscript=no,vhost=off",
             "-device", f"virtio-net-device,netdev=net,mac={mac}",
             "-device", "virtio-rng-device",
+            # the guest hands back the pages it frees (free page reporting): QEMU discards
+            # them, so the host gets its memory back and a memory snapshot skips them
+            "-device", "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on",
             "-qmp", f"unix:{self.qmp_socket(sprite_id)},server=on,wait=off",
             "-pidfile", str(vm / "qemu.pid"),
         ]
