@@ -530,7 +530,7 @@ async def _plumb(netns: Path) -> _Nic:
                     timeout=30)
     links = json.loads(res.stdout or b"[]") if res.returncode == 0 else []
     if not links:  # no uplink: the guest's NIC leads nowhere
-        return _Nic(_local_mac())
+        return _Nic(_local_mac(name))
     addr = next((a for a in links[0].get("addr_info", []) if a.get("family") == "inet"),
                 None)
     await run("tc", "-n", name, "qdisc", "del", "dev", "eth0", "ingress", check=False,
@@ -548,8 +548,10 @@ async def _plumb(netns: Path) -> _Nic:
                 str(ipaddress.IPv4Address(int(local) ^ 1)))
 
 
-def _local_mac() -> str:
-    raw = bytearray(os.urandom(6))
+def _local_mac(netns_name: str) -> str:
+    """A MAC of the namespace's own (so the same at each start: the guest then has
+    nothing to change after a wake or a restore)."""
+    raw = bytearray(hashlib.sha256(netns_name.encode()).digest()[:6])
     raw[0] = (raw[0] & 0xFE) | 0x02  # unicast, locally administered
     return ":".join(f"{b:02x}" for b in raw)
 

@@ -81,6 +81,12 @@ def _sh(script: str, *args: str, ns: list[str] | None = None) -> None:
     subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, timeout=30)
 
 
+#: What `identity` last applied: it lives in the guest's memory, so a snapshot resumed by
+#: the sprite it was taken of (a wake, a restore) finds its identity applied already and
+#: skips the commands, which cost ~0.3 s under TCG.
+APPLIED: dict[str, Any] = {}
+
+
 def identity(spec: dict[str, Any]) -> None:
     """Who the sprite is: the host sends it after every start (a boot, a wake, a restore,
     a fork of another sprite's memory). Fresh entropy first: a snapshot restored twice
@@ -95,28 +101,35 @@ def identity(spec: dict[str, Any]) -> None:
                         struct.pack("ii", 8 * len(entropy), len(entropy)) + entropy)
         finally:
             os.close(fd)
-    with open(NET_PID) as f:
-        net = ["-t", f.read().strip(), "-n"]
-    script = "ip addr flush dev eth0 2>/dev/null; "
-    if spec.get("mac"):
-        script += 'ip link set eth0 down && ip link set eth0 address "$1" && '
-    if spec.get("address"):
-        script += 'ip addr add "$2" dev eth0 && ip link set eth0 up && '
-        script += 'ip route replace default via "$3" dev eth0 && '
-    _sh(script + "true", spec.get("mac") or "", spec.get("address") or "",
-        spec.get("gateway") or "", ns=net)
-    if spec.get("resolv") is not None:
+    net = [spec.get("mac") or "", spec.get("address") or "", spec.get("gateway") or ""]
+    if APPLIED.get("net") != net:
+        with open(NET_PID) as f:
+            ns = ["-t", f.read().strip(), "-n"]
+        script = "ip addr flush dev eth0 2>/dev/null; "
+        if net[0]:
+            script += 'ip link set eth0 down && ip link set eth0 address "$1" && '
+        if net[1]:
+            script += 'ip addr add "$2" dev eth0 && ip link set eth0 up && '
+            script += 'ip route replace default via "$3" dev eth0 && '
+        APPLIED.pop("net", None)
+        _sh(script + "true", *net, ns=ns)
+        APPLIED["net"] = net
+    if spec.get("resolv") is not None and APPLIED.get("resolv") != spec["resolv"]:
         with open("/root/.wisp/resolv.conf", "w") as f:  # in place: it is bind-mounted
             f.write(spec["resolv"])
+        APPLIED["resolv"] = spec["resolv"]
     hostname = spec.get("hostname")
-    pid = sprite_init_pid()
-    if hostname and pid is not None:
+    if hostname and APPLIED.get("hostname") != hostname:
+        pid = sprite_init_pid()
+        if pid is None:
+            return
         _sh('hostname "$1"', hostname, ns=["-t", str(pid), "-u"])
         with open("/root/.wisp/hostname", "w") as f:
             f.write(hostname + "\n")
         with open("/root/.wisp/hosts", "w") as f:
             f.write("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
                     f"127.0.1.1\t{hostname}\n")
+        APPLIED["hostname"] = hostname
 
 
 def proc_net() -> dict[str, str]:
