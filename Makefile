@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := runc e2fsprogs debootstrap busybox-static iproute2 util-linux fuse3 gcc libc6-dev ca-certificates redis-server nftables conntrack qemu-system-x86 cpio lz4
+DEB_PACKAGES := runc e2fsprogs debootstrap busybox-static iproute2 util-linux fuse3 gcc libc6-dev ca-certificates redis-server nftables conntrack qemu-system-x86 cpio lz4 zstd
 DATA_DIR ?= /var/lib/wisp
 LISTEN ?= 127.0.0.1:7770
 # Where `make install` links the `wisp` command (on root's and every user's default PATH).
