@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from wisp.sprites import Sprites
 
 __all__ = ["SpriteServices", "ServiceDef", "boot", "http_port", "load", "save", "needs_order",
-           "NAME_RE", "FILE", "LOG_MAX", "MAX_SERVICES"]
+           "NAME_RE", "FILE", "LOG_MAX", "MAX_SERVICES", "Logs"]
 
 log = logging.getLogger("wisp.services")
 

@@ -3,11 +3,22 @@ API: the host must never follow a link out of it, block on a FIFO, or read a dev
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from pathlib import Path
 
 from wisp import services
+from wisp.runtime.base import SpriteHandle
+
+
+def _reader(info_dir: Path) -> services.Logs:
+    """The logs of a container sprite whose info dir (its disk's /.sprite) is `info_dir`."""
+    return services.Logs(info_dir, SpriteHandle("t", info_dir, info_dir / "agent.sock"))
+
+
+def _last(info_dir: Path, filename: str) -> list[str]:
+    return asyncio.run(_reader(info_dir).last_lines(filename, 10))
 
 
 def _logs(tmp_path: Path) -> Path:
@@ -29,10 +40,8 @@ def test_links_fifos_and_devices_are_not_read(tmp_path: Path) -> None:
     result: dict[str, object] = {}
 
     def read() -> None:  # a FIFO must not block: run it where a hang fails the test
-        result["a"] = services._last_lines(tmp_path, "a.stdout.log", 10)
-        result["b"] = services._last_lines(tmp_path, "b.stdout.log", 10)
-        result["c"] = services._last_lines(tmp_path, "c.stdout.log", 10)
-        result["ok"] = services._last_lines(tmp_path, "ok.stdout.log", 10)
+        for key in ("a", "b", "c", "ok"):
+            result[key] = _last(tmp_path, f"{key}.stdout.log")
 
     t = threading.Thread(target=read, daemon=True)
     t.start()
@@ -48,5 +57,5 @@ def test_linked_services_dir_is_not_followed(tmp_path: Path) -> None:
     elsewhere.mkdir()
     (elsewhere / "x.stdout.log").write_text("host file\n")
     os.symlink(elsewhere, tmp_path / "logs" / "services")
-    assert services._last_lines(tmp_path, "x.stdout.log", 10) == []
-    assert services._Tail.sizes(tmp_path, "x") == {"stdout": 0, "stderr": 0}
+    assert _last(tmp_path, "x.stdout.log") == []
+    assert asyncio.run(_reader(tmp_path).sizes("x")) == {"stdout": 0, "stderr": 0}
