@@ -26,6 +26,7 @@ FS_AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fs_agent.py
 NET_PID = "/run/wisp-net.pid"
 CLONE_NEWNET = 0x40000000
 RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -99,6 +100,10 @@ def identity(spec: dict[str, Any]) -> None:
         try:
             fcntl.ioctl(fd, RNDADDENTROPY,
                         struct.pack("ii", 8 * len(entropy), len(entropy)) + entropy)
+            # credited entropy alone reaches the output only at the kernel's next timed
+            # reseed (up to 60 s later): two forks of one snapshot read the same bytes
+            # until then (CI run 219). Reseed now, as vmgenid makes the kernel do.
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
         finally:
             os.close(fd)
     net = [spec.get("mac") or "", spec.get("address") or "", spec.get("gateway") or ""]
