@@ -13,6 +13,7 @@ any point leaves either the old disk or the new one, never a mix.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,6 +23,8 @@ from wisp.errors import BadRequest, CheckpointNotFound, Conflict, QuotaExceeded
 from wisp.sprites import Sprites
 
 __all__ = ["Checkpoints", "event"]
+
+log = logging.getLogger("wisp.checkpoints")
 
 HISTORY_LIMIT = 32
 
@@ -163,7 +166,19 @@ class Checkpoints:
             resume = memory and sprites.rt(row.id).memory_snapshots and snapshot.exists()
             yield event("info", "Resuming sprite from memory..." if resume
                         else "Starting sprite...")
-            await sprites.handle_locked(sprites.row(row.name), snapshot if resume else None)
+            try:
+                await sprites.handle_locked(sprites.row(row.name),
+                                            snapshot if resume else None)
+            except Exception as exc:
+                if not resume:
+                    raise
+                # a snapshot QEMU cannot load (taken by an older device layout, damaged):
+                # the checkpoint's disk is in place, and boots
+                log.warning("checkpoint %s of %s: its memory could not be resumed (%s); "
+                            "the sprite boots from its disk", cp.id, row.name, exc)
+                yield event("info", "The memory snapshot could not be resumed; starting "
+                                    "sprite from its disk...")
+                await sprites.handle_locked(sprites.row(row.name))
         yield event("complete", f"Restored to {cp.id}", id=cp.id)
 
     # -- delete ---------------------------------------------------------------------------

@@ -153,6 +153,26 @@ def test_filesystem_only_restore_boots_fresh(vm, vm_server: WispServer) -> None:
     assert _sh(vm, "cat /dev/shm/count 2>/dev/null; cat /home/sprite/disk-only") == "kept\n"
 
 
+def test_memory_that_cannot_be_resumed_boots_the_checkpoint_disk(vm, vm_server: WispServer
+                                                                 ) -> None:
+    """A checkpoint whose memory file QEMU cannot load (its header damaged here; a
+    snapshot of an older device layout is refused the same way): the restore says so and
+    boots the checkpoint's disk; nothing of the later state is left."""
+    _sh(vm, "echo at-checkpoint > /home/sprite/damaged; echo memory > /dev/shm/marker")
+    list(vm.create_checkpoint("to damage"))
+    cp = vm.list_checkpoints()[0].id
+    _sh(vm, "echo later > /home/sprite/damaged")
+    sprite_id = vm_server.api("GET", f"/v1/sprites/{vm.name}").json()["id"]
+    mem = vm_server.data_dir / "mnt" / "sprites" / sprite_id / "checkpoints" / f"{cp}.mem"
+    with open(mem, "r+b") as f:  # its header overwritten: not a stream QEMU can load
+        f.write(b"\0" * 4096)
+    messages = [m.data or "" for m in vm.restore_checkpoint(cp)]
+    assert any("could not be resumed" in m for m in messages), messages
+    assert _sh(vm, "cat /home/sprite/damaged") == "at-checkpoint\n"
+    # booted, not resumed: what was only in memory is gone
+    assert _sh(vm, "ls /dev/shm/marker 2>/dev/null; true") == ""
+
+
 def test_runtime_field_at_create(vm_server: WispServer) -> None:
     """The create extension `runtime`: an unknown one is a 400; "container" on a server
     whose default is vm makes a container sprite (the host's kernel)."""

@@ -403,6 +403,11 @@ class VMRuntime(Runtime):
                         return
                 elif status == "running":
                     return
+                elif (await qmp.execute("query-migrate")).get("status") == "failed":
+                    # a stream QEMU cannot load (damaged, another device layout): it
+                    # may wait on instead of exiting
+                    raise SystemError_(f"QEMU could not load the memory of {sprite_id}",
+                                       public="the sprite's VM failed to start")
                 await asyncio.sleep(0.005)
         finally:
             if qmp is not None:
