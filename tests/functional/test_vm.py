@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from sprites import SpritesClient
 
 from tests.framework.server import WispServer
 from tests.functional.test_adoption import _session_ids, _start_detached
-from tests.functional.test_js_sdk import JS, NODE
+from tests.functional.test_js_sdk import run_js
 from tests.unit import test_exec_sessions as scenarios
 
 
@@ -361,13 +359,7 @@ def test_services_run_in_the_guest(vm, vm_server: WispServer) -> None:
 def test_js_sdk_services_on_a_vm(vm_server: WispServer) -> None:
     """tests/js/services.mjs (createService, restartService, getServiceLogs, delete)
     against a server whose sprites are VMs."""
-    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
-        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
-    env = dict(os.environ, WISP_API=vm_server.url, WISP_TOKEN=vm_server.token)
-    r = subprocess.run([str(NODE), "services.mjs"], cwd=JS, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
-    assert r.stdout.splitlines()[-1] == "ok delete"
+    assert run_js(vm_server, "services.mjs", timeout=600)[-1] == "ok delete"
 
 
 # -- the SDK scenarios the container sprites pass (contract §6.1-§6.3), on a VM -------------
@@ -390,10 +382,4 @@ def test_js_sdk_acceptance_on_a_vm(vm_server: WispServer) -> None:
     """The JS SDK's own integration scenarios (tests/js/acceptance.mjs: exec, TTY, HTTP
     exec, files, checkpoint + restore, list, delete) against a server whose sprites are
     VMs."""
-    if not (JS / "node_modules" / "@fly" / "sprites").exists() or not NODE.exists():
-        pytest.skip("JS SDK not installed (make installs it into tests/js/node_modules)")
-    env = dict(os.environ, WISP_API=vm_server.url, WISP_TOKEN=vm_server.token)
-    r = subprocess.run([str(NODE), "acceptance.mjs"], cwd=JS, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
-    assert r.stdout.splitlines()[-1] == "ok delete"
+    assert run_js(vm_server, "acceptance.mjs", timeout=600)[-1] == "ok delete"
